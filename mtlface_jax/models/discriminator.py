@@ -7,7 +7,7 @@ at inference. ``u``/``v`` are kept in PyTorch's layout (the weight viewed as
 [out, in*kh*kw]) so converted weights continue their power iteration exactly.
 """
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -73,21 +73,26 @@ class PatchDiscriminator(nn.Module):
 
   Attributes:
     num_groups: age groups G.
+    features: widths of the first conv and the four SN convs (reference
+      64, 128, 256, 512, 512; smaller for reduced models).
     dtype: computation dtype; the scores are returned in float32.
   """
   num_groups: int = 7
+  features: Sequence[int] = (64, 128, 256, 512, 512)
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, image: jax.Array, target_group: jax.Array, train: bool = False) -> jax.Array:
+    if image.shape[1] < 48 or image.shape[2] < 48:
+      raise ValueError(f"PatchDiscriminator needs images of at least 48x48, got {image.shape[1:3]}")
     lrelu = lambda h: nn.leaky_relu(h, 0.2)
-    h = layers.torch_default_conv(64, 4, 3, stride=2, padding=1, dtype=self.dtype,
+    h = layers.torch_default_conv(self.features[0], 4, 3, stride=2, padding=1, dtype=self.dtype,
                                   name="conv1")(image.astype(self.dtype))
     h = lrelu(h)
     condition = jax.nn.one_hot(target_group, self.num_groups, dtype=h.dtype)
     condition = jnp.broadcast_to(condition[:, None, None, :], h.shape[:3] + (self.num_groups,))
     h = jnp.concatenate([h, condition], axis=-1)
-    for i, (features, stride) in enumerate(((128, 2), (256, 2), (512, 2), (512, 1))):
+    for i, (features, stride) in enumerate(zip(self.features[1:], (2, 2, 2, 1))):
       h = lrelu(SpectralNormConv(features, stride, dtype=self.dtype, name=f"sn_conv{i + 1}")(h, train))
-    h = layers.torch_default_conv(1, 4, 512, padding=1, dtype=self.dtype, name="conv_out")(h)
+    h = layers.torch_default_conv(1, 4, self.features[-1], padding=1, dtype=self.dtype, name="conv_out")(h)
     return h.astype(jnp.float32)

@@ -5,7 +5,7 @@ as an :class:`EncoderOutputs` structure; the FAS generator consumes x2..x4 and
 x_id from it, the age estimator x_age.
 """
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -69,23 +69,33 @@ class IRUnit(nn.Module):
     return h + shortcut
 
 
+def units_for(num_layers: int) -> tuple[int, ...]:
+  """IR units per stage for a depth (34, 50, 64 or 101)."""
+  if num_layers not in UNITS_PER_STAGE:
+    raise ValueError(f"num_layers must be one of {sorted(UNITS_PER_STAGE)}, got {num_layers}")
+  return UNITS_PER_STAGE[num_layers]
+
+
 class IResNet(nn.Module):
   """The convolutional trunk: input layer and four IR stages.
 
-  Returns the five feature maps (x1..x5).
+  Returns the five feature maps (x1..x5). ``units``/``depths`` override the
+  reference sizes for reduced models (tests and the CPU demo).
   """
   num_layers: int = 50
+  units: Optional[Sequence[int]] = None
+  depths: Sequence[int] = STAGE_DEPTHS
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, ...]:
-    if self.num_layers not in UNITS_PER_STAGE:
-      raise ValueError(f"num_layers must be one of {sorted(UNITS_PER_STAGE)}, got {self.num_layers}")
-    x = layers.conv(64, 3, padding=1, dtype=self.dtype, name="input_conv")(x.astype(self.dtype))
+    units_per_stage = self.units or units_for(self.num_layers)
+    x = layers.conv(self.depths[0], 3, padding=1, dtype=self.dtype, name="input_conv")(
+        x.astype(self.dtype))
     x = layers.BatchNorm(dtype=self.dtype, name="input_bn")(x, train)
     x = layers.PReLU(name="input_prelu")(x)
     features = [x]
-    for stage, (depth, units) in enumerate(zip(STAGE_DEPTHS, UNITS_PER_STAGE[self.num_layers])):
+    for stage, (depth, units) in enumerate(zip(self.depths, units_per_stage)):
       for unit in range(units):
         x = IRUnit(depth, stride=2 if unit == 0 else 1, dtype=self.dtype,
                    name=f"block{stage + 1}_{unit}")(x, train)
@@ -98,12 +108,16 @@ class Encoder(nn.Module):
 
   Attributes:
     num_layers: 34, 50, 64 or 101.
+    units: units per stage overriding ``num_layers`` (reduced models only).
+    depths: stage widths (reference: 64, 128, 256, 512).
     attention_version: 1 for the CVPR model, 2 for the released TPAMI model.
     dropout_rate: dropout before the embedding Linear (0.5 CVPR, 0.4 TPAMI).
     normalize_embedding: L2-normalise the embedding (the TPAMI model does).
     dtype: computation dtype (bfloat16 on accelerators); params stay float32.
   """
   num_layers: int = 50
+  units: Optional[Sequence[int]] = None
+  depths: Sequence[int] = STAGE_DEPTHS
   attention_version: int = 1
   dropout_rate: float = 0.5
   normalize_embedding: bool = False
@@ -111,7 +125,8 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> EncoderOutputs:
-    x1, x2, x3, x4, x5 = IResNet(self.num_layers, dtype=self.dtype, name="trunk")(images, train)
+    x1, x2, x3, x4, x5 = IResNet(self.num_layers, self.units, self.depths, dtype=self.dtype,
+                                     name="trunk")(images, train)
     x_id, x_age = attention.AttentionDecomposition(self.attention_version, dtype=self.dtype,
                                                    name="fsm")(x5, train)
     embedding = heads.EmbeddingHead(self.dropout_rate, dtype=self.dtype,

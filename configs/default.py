@@ -1,0 +1,56 @@
+"""The embedded demo: AIFR then FAS on the procedural ``synthetic_faces``.
+
+On an accelerator this is the full IR-50 at 112x112 on 1,000 identities x 20
+images. On a CPU (``make demo`` on a laptop or CI box) it switches to a reduced
+model at 64x64 on fewer identities so the whole demo finishes in minutes;
+``--config.model...`` overrides either.
+"""
+
+import jax
+
+from configs import common
+
+
+def get_config():
+  c = common.get_config()
+  c.data.name = "synthetic_faces"
+  c.data.num_identities = 1_000
+  c.data.images_per_identity = 20
+  c.data.test_fraction = 0.1
+  c.model.num_classes = 900  # the training identities of the split above
+  c.batch_size = 256
+  c.num_iter = 3_000
+  c.optim.warmup = 300
+  c.optim.milestone = (2_000, 2_600)
+  c.fas_num_iter = 2_000
+  c.log_every = 50
+  c.checkpoint_every = 500
+  c.image_every = 500
+  if jax.default_backend() == "cpu":
+    _reduce_for_cpu(c)
+  return c
+
+
+def _reduce_for_cpu(c):
+  """A model and run that fit a 2-core CPU in minutes."""
+  c.dtype = "float32"
+  c.image_size = 64
+  c.data.num_identities = 250
+  c.data.images_per_identity = 16
+  c.data.test_fraction = 0.2
+  c.data.num_folds = 5
+  c.data.pairs_per_fold = 100
+  c.model.num_classes = 200
+  c.model.units = (1, 2, 2, 1)
+  c.model.depths = (16, 32, 64, 128)
+  c.model.icm_unit_count = 32
+  c.model.decoder_features = (64, 32, 16, 16)
+  c.model.discriminator_features = (16, 32, 64, 128, 128)
+  c.batch_size = 64
+  c.num_iter = 600
+  c.optim.warmup = 60
+  c.optim.milestone = (400, 520)
+  c.fas_num_iter = 200
+  c.log_every = 20
+  c.checkpoint_every = 200
+  c.image_every = 100

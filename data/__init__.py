@@ -1,0 +1,1 @@
+"""TensorFlow Datasets builders of mtlface-jax (one package per dataset)."""

@@ -1,0 +1,82 @@
+"""From a config's ``data`` section to training batches.
+
+``config.data.name`` selects the examples:
+  - ``synthetic_faces``: the embedded procedural dataset (mtlface_jax/synthetic.py);
+  - ``mtlface_list``: an ``id filename age gender`` list over an image root;
+  - ``tfds``: any TFDS dataset with image/id/age/gender features
+    (``config.data.tfds_name``, ``config.data.tfds_split``).
+Batches follow the contract of mtlface_jax/input_pipeline.py and resume
+exactly from any step.
+"""
+
+import functools
+import logging
+from typing import Iterator
+
+from mtlface_jax import input_pipeline
+from mtlface_jax import synthetic
+
+# Keys the jitted training step receives; the pipeline's bookkeeping stays host-side.
+STEP_KEYS = ("image", "id", "age", "group", "gender")
+FAS_KEYS = ("target_group", "target_image")
+
+
+@functools.lru_cache(maxsize=2)
+def synthetic_dataset(num_identities: int, images_per_identity: int, seed: int,
+                      test_fraction: float, num_folds: int,
+                      pairs_per_fold: int) -> synthetic.SyntheticFaces:
+  """Renders (once per process) the synthetic faces a config asks for."""
+  return synthetic.make_dataset(num_identities, images_per_identity, seed,
+                                test_fraction=test_fraction, num_folds=num_folds,
+                                pairs_per_fold=pairs_per_fold)
+
+
+def synthetic_for(config) -> synthetic.SyntheticFaces:
+  """The synthetic dataset of ``config.data``."""
+  d = config.data
+  return synthetic_dataset(d.num_identities, d.images_per_identity, d.seed, d.test_fraction,
+                           d.num_folds, d.pairs_per_fold)
+
+
+def train_source(config) -> input_pipeline.Source:
+  """The training examples of ``config.data``."""
+  d = config.data
+  if d.name == "synthetic_faces":
+    return input_pipeline.source_from_synthetic(synthetic_for(config).train)
+  if d.name == "mtlface_list":
+    from mtlface_jax.formats import lists  # pylint: disable=g-import-not-at-top
+    records, report = lists.parse_mtlface_list(
+        d.list_file, d.image_root or None, num_ids=config.model.num_classes, max_age=100,
+        skip_bad_examples=d.skip_bad_examples)
+    if report.num_skipped:
+      logging.warning("%s: %s", d.list_file, report)
+    return input_pipeline.source_from_records(records, skip_bad_examples=d.skip_bad_examples)
+  if d.name == "tfds":
+    return input_pipeline.source_from_tfds(d.tfds_name, d.tfds_split, data_dir=d.tfds_data_dir or None)
+  raise ValueError(f"unknown config.data.name {d.name!r}; use synthetic_faces, mtlface_list or tfds")
+
+
+def train_batches(config, start_step: int) -> Iterator[dict]:
+  """This process's share of each global batch, from ``start_step`` on.
+
+  Args:
+    config: training config (``batch_size`` is global).
+    start_step: the step to resume from (0 for a new run).
+
+  Returns:
+    An iterator of NumPy batch dicts with the step's keys only.
+  """
+  pipeline = input_pipeline.InputPipeline(
+      train_source(config),
+      input_pipeline.PipelineConfig(global_batch_size=config.batch_size, seed=config.seed,
+                                    num_groups=config.age_group, image_size=config.image_size,
+                                    fas_targets=bool(config.train_fas),
+                                    skip_bad_examples=config.data.skip_bad_examples),
+      start_step=start_step)
+  keys = STEP_KEYS + (FAS_KEYS if config.train_fas else ())
+  try:
+    for batch in pipeline:
+      yield {k: batch[k] for k in keys}
+  finally:
+    if pipeline.report.num_skipped:
+      logging.warning("input pipeline: %s", pipeline.report)

@@ -1,0 +1,1 @@
+"""Training: optimizers, state, jitted steps, checkpoints, metric writers, the loop."""

@@ -1,0 +1,77 @@
+"""The training state: every variable, optimizer state and counter in one pytree."""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtlface_jax.models import mtlface
+
+FR_MODULES = ("encoder", "head", "age", "da_age")
+FAS_MODULES = ("generator", "discriminator")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything needed to continue a run exactly.
+
+  Attributes:
+    step: completed iterations.
+    variables: module name -> Flax variable collections ('params',
+      'batch_stats', 'spectral').
+    opt_states: 'fr' (SGD over encoder/head/age/da_age), 'g' and 'd' (Adam).
+    nonfinite_streak: consecutive iterations skipped for a non-finite loss.
+    nonfinite_total: all iterations skipped so far.
+  """
+  step: jax.Array
+  variables: dict
+  opt_states: dict
+  nonfinite_streak: jax.Array
+  nonfinite_total: jax.Array
+
+
+def active_modules(config) -> tuple[str, ...]:
+  """Modules a run needs: the AIFR ones, plus G and D when FAS is trained."""
+  names = FR_MODULES if config.train_fr else ("encoder", "age")
+  return names + (FAS_MODULES if config.train_fas else ())
+
+
+def init_variables(models: mtlface.MTLFaceModels, config, rng: jax.Array) -> dict:
+  """Initialises the variables of the active modules at the config's image size."""
+  size = config.image_size
+  images = jnp.zeros((1, size, size, 3), jnp.float32)
+  groups = jnp.zeros((1,), jnp.int32)
+  keys = dict(zip(FR_MODULES + FAS_MODULES, jax.random.split(rng, 6)))
+  encoder_vars = models.encoder.init({"params": keys["encoder"], "dropout": keys["encoder"]}, images)
+  out = models.encoder.apply(encoder_vars, images)
+  initialisers = {
+      "encoder": lambda: encoder_vars,
+      "head": lambda: models.head.init(keys["head"], out.embedding),
+      "age": lambda: models.age.init(keys["age"], out.x_age, False),
+      "da_age": lambda: models.da_age.init(keys["da_age"], out.x_id, False),
+      "generator": lambda: models.generator.init(keys["generator"], images, out.x2, out.x3,
+                                                 out.x4, out.x_id, groups),
+      "discriminator": lambda: models.discriminator.init(keys["discriminator"], images, groups),
+  }
+  return {name: flax.core.unfreeze(initialisers[name]()) for name in active_modules(config)}
+
+
+def fr_params(variables: dict) -> dict:
+  """The parameters the AIFR optimizer updates."""
+  return {name: variables[name]["params"] for name in FR_MODULES}
+
+
+def init_state(variables: dict, config, fr_tx: optax.GradientTransformation,
+               g_tx: optax.GradientTransformation, d_tx: optax.GradientTransformation) -> TrainState:
+  """Creates the state with fresh optimizer states for the trained modules."""
+  opt_states: dict[str, Any] = {}
+  if config.train_fr:
+    opt_states["fr"] = fr_tx.init(fr_params(variables))
+  if config.train_fas:
+    opt_states["g"] = g_tx.init(variables["generator"]["params"])
+    opt_states["d"] = d_tx.init(variables["discriminator"]["params"])
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, variables=variables, opt_states=opt_states,
+                    nonfinite_streak=zero, nonfinite_total=zero)

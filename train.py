@@ -1,0 +1,39 @@
+"""Train MTLFace (AIFR, FAS or both): a thin entry point over mtlface_jax.training.
+
+  python train.py --config=configs/aifr_scaf.py --workdir=runs/aifr \\
+      --config.data.list_file=scaf.txt --config.data.image_root=/data/casia
+  python train.py --config=configs/fas_scaf.py --workdir=runs/fas --config.init_from=runs/aifr
+
+Multi-host: launch one process per host with --multihost (JAX reads the
+coordinator from the environment, e.g. on TPU pods and SLURM) or pass
+--coordinator_address/--num_processes/--process_id explicitly.
+"""
+
+import json
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).", required=True)
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize().")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def main(argv):
+  del argv
+  from mtlface_jax.training import distributed  # pylint: disable=g-import-not-at-top
+  distributed.maybe_initialize(_MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value)
+  from mtlface_jax.training import loop  # pylint: disable=g-import-not-at-top
+  summary = loop.train(_CONFIG.value, _WORKDIR.value)
+  logging.info("finished: %s", json.dumps(summary, default=str))
+  print(json.dumps(summary, default=str))
+
+
+if __name__ == "__main__":
+  app.run(main)
