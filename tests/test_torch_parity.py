@@ -8,6 +8,7 @@ error of 1e-4 (float32, CPU), where the relative error is
 max |jax - torch| / max |torch|.
 """
 
+import functools
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from mtlface_jax import convert  # noqa: E402
-from mtlface_jax.models import heads  # noqa: E402
+from mtlface_jax import inference  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from torch_reference import mtlface_torch as ref  # noqa: E402
@@ -213,27 +214,21 @@ def test_tpami_reports_unsupported_branch(tpami):
 
 def test_tpami_encoder_and_age_parity(tpami):
   variables = tpami["conversion"].variables
-  encoder = convert.encoder_spec(50, released=True).module
-  estimator = convert.age_spec("age", AGE_GROUPS, released=True).module
+  models = inference.InferenceModels(convert.encoder_spec(50, released=True).module,
+                                     convert.age_spec("age", AGE_GROUPS, released=True).module)
   image = jnp.asarray(nhwc(tpami["image"]))
-
-  @jax.jit
-  def run(variables, images):
-    # One batch holding the images and their mirror images (one compilation).
-    # The weights are arguments, not closure constants, which XLA would fold.
-    out = encoder.apply(variables["encoder"], jnp.concatenate([images, images[:, :, ::-1]]))
-    return out, estimator.apply(variables["age"], out.x_age, False)
-
-  out, age = run(variables, image)
+  # The released flip-averaged encode, which also returns the outputs of both
+  # views (the images and their mirror images in one batch: one compilation).
+  # The weights are arguments, not closure constants, which XLA would fold.
+  encoded, out, age = jax.jit(functools.partial(inference.encode_views, models))(
+      variables, image)
   plain = jax.tree_util.tree_map(lambda x: x[:2], out)
   for name in ("embedding", "x_id", "x_age", "x5"):
     assert_parity(getattr(plain, name), getattr(tpami["features"], name), name)
   assert_parity(age.age_logits[:2], tpami["age"].age_logits, "age_logits")
   assert_parity(age.group_logits[:2], tpami["age"].group_logits, "group_logits")
   assert_parity(age.expected_age[:2], tpami["age"].expected_age, "expected_age")
-  # The released flip-averaged encode.
-  embedding = heads.l2_normalize(out.embedding[:2] + out.embedding[2:])
-  mean_age = 0.5 * (age.expected_age[:2] + age.expected_age[2:])
-  torch_embedding, torch_age, _ = tpami["encoded"]
-  assert_parity(embedding, torch_embedding, "flip-averaged embedding")
-  assert_parity(mean_age, torch_age, "flip-averaged age")
+  torch_embedding, torch_age, torch_groups = tpami["encoded"]
+  assert_parity(encoded.embedding, torch_embedding, "flip-averaged embedding")
+  assert_parity(encoded.age, torch_age, "flip-averaged age")
+  assert_parity(encoded.group_logits, torch_groups, "flip-averaged group logits")

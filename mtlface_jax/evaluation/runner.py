@@ -83,13 +83,34 @@ def to_model_input(image: np.ndarray) -> np.ndarray:
   return (np.asarray(image, np.float32) / 255.0 - 0.5) / 0.5
 
 
+def load_face(path, lfw_style: bool = False,
+              image_size: int = images_lib.FACE_SIZE) -> np.ndarray:
+  """Decodes an image file to a model input: float32 [S, S, 3] in [-1, 1].
+
+  Args:
+    path: image file.
+    lfw_style: apply the fixed LFW crop instead of a plain resize.
+    image_size: side S of the model's input; the 112x112 face is resized to
+      it (e.g. 48 for the tiny test models).
+
+  Returns:
+    The scaled face.
+
+  Raises:
+    ImageDecodeError: naming the file, if it is missing or corrupt.
+  """
+  face = images_lib.to_face(images_lib.load_image(path), lfw_style)
+  return to_model_input(images_lib.resize_image(face, image_size))
+
+
 def embed_image_files(embed_fn: EmbedFn,
                       paths: Sequence[str],
                       batch_size: int = 64,
                       lfw_style: bool = False,
                       sharding: Optional[jax.sharding.Sharding] = None,
                       progress: bool = True,
-                      description: str = "embedding") -> np.ndarray:
+                      description: str = "embedding",
+                      image_size: int = images_lib.FACE_SIZE) -> np.ndarray:
   """Decodes, crops/resizes to 112x112, scales and embeds image files.
 
   Args:
@@ -101,6 +122,7 @@ def embed_image_files(embed_fn: EmbedFn,
     sharding: optional data-parallel sharding for the batches.
     progress: show a progress bar.
     description: progress bar label.
+    image_size: side the 112x112 faces are then resized to (the model's input).
 
   Returns:
     [len(paths), D] float32 embeddings.
@@ -108,8 +130,7 @@ def embed_image_files(embed_fn: EmbedFn,
   Raises:
     ImageDecodeError: naming the file, if one is missing or corrupt.
   """
-  faces = (to_model_input(images_lib.to_face(images_lib.load_image(p), lfw_style))
-           for p in paths)
+  faces = (load_face(p, lfw_style, image_size) for p in paths)
   return report.extract_embeddings(embed_fn, faces, batch_size, sharding=sharding,
                                    progress=progress, description=description,
                                    total=len(paths))
@@ -164,7 +185,8 @@ def verify_pair_list(embed_fn: EmbedFn,
                      lfw_style: bool = False,
                      eval_folds: Optional[Sequence[int]] = None,
                      sharding: Optional[jax.sharding.Sharding] = None,
-                     progress: bool = True) -> verification.VerificationResult:
+                     progress: bool = True,
+                     image_size: int = images_lib.FACE_SIZE) -> verification.VerificationResult:
   """Embeds the images of parsed pairs and runs the verification protocol.
 
   Args:
@@ -176,6 +198,7 @@ def verify_pair_list(embed_fn: EmbedFn,
     eval_folds: optional fold labels to evaluate (see ``evaluate_verification``).
     sharding: optional data-parallel sharding for the batches.
     progress: show a progress bar.
+    image_size: the model's input side (faces are resized to it).
 
   Returns:
     The :class:`~mtlface_jax.evaluation.verification.VerificationResult`.
@@ -192,7 +215,7 @@ def verify_pair_list(embed_fn: EmbedFn,
   unique_paths = sorted({p.path1 for p in pairs} | {p.path2 for p in pairs})
   row = {path: i for i, path in enumerate(unique_paths)}
   embeddings = embed_image_files(embed_fn, unique_paths, batch_size, lfw_style,
-                                 sharding, progress)
+                                 sharding, progress, image_size=image_size)
   first = embeddings[[row[p.path1] for p in pairs]]
   second = embeddings[[row[p.path2] for p in pairs]]
   issame = np.asarray([p.issame for p in pairs], bool)
@@ -206,7 +229,8 @@ def verify_bin(embed_fn: EmbedFn,
                num_folds: int = 10,
                eval_folds: Optional[Sequence[int]] = None,
                sharding: Optional[jax.sharding.Sharding] = None,
-               progress: bool = True) -> verification.VerificationResult:
+               progress: bool = True,
+               image_size: int = images_lib.FACE_SIZE) -> verification.VerificationResult:
   """Embeds an insightface ``.bin`` set (AgeDB-30, CALFW, CPLFW, ...) and scores it.
 
   The images are decoded lazily while embedding; folds are ``num_folds``
@@ -220,6 +244,7 @@ def verify_bin(embed_fn: EmbedFn,
     eval_folds: optional fold labels (0-based) to evaluate.
     sharding: optional data-parallel sharding for the batches.
     progress: show a progress bar.
+    image_size: the model's input side (faces are resized to it).
 
   Returns:
     The verification result.
@@ -235,7 +260,8 @@ def verify_bin(embed_fn: EmbedFn,
       issame.append(same)
       folds.append(fold)
       for image in (image1, image2):
-        yield to_model_input(images_lib.to_face(image))
+        face = images_lib.resize_image(images_lib.to_face(image), image_size)
+        yield to_model_input(face)
 
   embeddings = report.extract_embeddings(embed_fn, faces(), batch_size, sharding=sharding,
                                          progress=progress,

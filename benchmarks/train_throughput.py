@@ -1,0 +1,351 @@
+"""Steady-state throughput of the jitted MTLFace training steps and of inference.
+
+Measures, for each requested ``task:batch`` (per-device batch), the pure jitted
+step of ``mtlface_jax.training.steps`` with the full models at 112x112, 10,575
+classes and bf16 compute (``configs/common.py``), on device-resident random
+batches, after compilation and warm-up. Prints one JSON object per run and a
+final JSON list::
+
+  python benchmarks/train_throughput.py --runs aifr:128,aifr:256,fas:128,infer:256
+
+Tasks:
+  aifr   config.train_fr=True,  train_fas=False (encoder + CosFace + age heads, SGD)
+  fas    config.train_fr=False, train_fas=True  (D then G update, frozen encoder, Adam)
+  infer  flip-summed embeddings (encoder on x and its mirror, inference mode)
+
+Each run executes in its own process so that ``peak_bytes_in_use`` belongs to
+that run alone. FLOPs come from XLA's cost analysis of the compiled program
+and are compared with the IR-50 count of 12.6 GFLOP per 112x112 image forward
+(3x that per training image). MFU is reported against the H100 SXM dense bf16
+peak (989.4 TFLOP/s) and against a measured bf16 matmul ceiling (~798 TFLOP/s
+on this workplace's H100, 8192^3).
+
+``--model reduced`` uses a tiny network (seconds on a CPU) to smoke-test the
+script itself; its numbers mean nothing.
+"""
+
+import argparse
+import gzip
+import json
+import os
+from pathlib import Path
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+H100_SXM_BF16_DENSE_TFLOPS = 989.4
+MEASURED_BF16_MATMUL_TFLOPS = 798.0  # 8192^3 bf16 product on this workplace's H100
+IR50_GFLOP_PER_IMAGE_FORWARD = 12.6
+
+
+def build_config(task: str, batch: int, model: str, dtype: str):
+  """The reference config for ``task`` with a per-device ``batch``."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  config = common.get_config()
+  config.train_fr = task == "aifr"
+  config.train_fas = task == "fas"
+  config.batch_size = batch
+  config.dtype = dtype
+  if model == "reduced":
+    config.image_size = 48
+    config.model.units = (1, 1, 1, 1)
+    config.model.depths = (8, 8, 16, 16)
+    config.model.num_classes = 10
+    config.model.icm_unit_count = 8
+    config.model.decoder_features = (16, 8, 8, 8)
+    config.model.discriminator_features = (8, 8, 16, 16, 16)
+  return config
+
+
+def random_batches(config, count: int, seed: int = 0) -> list[dict]:
+  """``count`` device-resident batches of the batch contract (random contents)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mtlface_jax import ages  # pylint: disable=g-import-not-at-top
+  n, size = config.batch_size, config.image_size
+  batches = []
+  for i in range(count):
+    rng = np.random.default_rng([seed, i])
+    age = rng.uniform(0, 80, n).astype(np.float32)
+    batch = {
+        "image": rng.uniform(-1, 1, (n, size, size, 3)).astype(np.float32),
+        "id": rng.integers(0, config.model.num_classes, n).astype(np.int32),
+        "age": age,
+        "group": np.asarray(ages.age_to_group(age, config.age_group), np.int32),
+        "gender": rng.integers(0, 2, n).astype(np.int32),
+    }
+    if config.train_fas:
+      batch["target_group"] = rng.integers(0, config.age_group, n).astype(np.int32)
+      batch["target_image"] = rng.uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
+    batches.append(jax.device_put(batch))
+  return batches
+
+
+def flops_of(compiled) -> float:
+  """Total FLOPs of a compiled executable from XLA's cost analysis (0 if absent)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older JAX: one dict per computation
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get("flops", 0.0))
+
+
+def time_steps(run_step, state, num_steps: int, repeats: int):
+  """Median seconds per step over ``repeats`` blocks of ``num_steps`` steps."""
+  import jax  # pylint: disable=g-import-not-at-top
+  per_step = []
+  for _ in range(repeats):
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for i in range(num_steps):
+      state = run_step(state, i)
+    jax.block_until_ready(state)
+    per_step.append((time.perf_counter() - start) / num_steps)
+  return statistics.median(per_step), per_step, state
+
+
+def _save_artifacts(args, compiled, run_step, state, name: str) -> dict:
+  """Optionally writes the optimised HLO and a profiler trace of a few steps."""
+  import jax  # pylint: disable=g-import-not-at-top
+  saved = {}
+  if args.hlo_dir:
+    path = Path(args.hlo_dir) / f"{name}.hlo.txt.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as f:
+      f.write(compiled.as_text())
+    saved["hlo"] = str(path)
+  if args.profile_dir:
+    trace_dir = Path(args.profile_dir) / f"trace_{name}"
+    with jax.profiler.trace(str(trace_dir)):
+      for i in range(3):
+        state = run_step(state, i)
+      jax.block_until_ready(state)
+    planes = sorted(trace_dir.rglob("*.xplane.pb"))
+    if planes:
+      target = Path(args.profile_dir) / f"{name}.xplane.pb"
+      shutil.copy(planes[-1], target)
+      shutil.rmtree(trace_dir)
+      saved["xplane"] = str(target)
+      try:
+        from benchmarks import profile_summary  # pylint: disable=g-import-not-at-top
+        saved["profile"] = profile_summary.summarize(str(target), steps=3, top=args.top)
+      except Exception as error:  # pylint: disable=broad-except
+        # A trace format change must not lose the timing already measured.
+        saved["profile_error"] = repr(error)
+  return saved
+
+
+def measure_train(args, task: str, batch: int) -> dict:
+  """Compiles and times the jitted AIFR or FAS step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.models import mtlface  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.training import optim  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.training import steps  # pylint: disable=g-import-not-at-top
+
+  config = build_config(task, batch, args.model, args.dtype)
+  mesh = sharding.make_mesh(jax.local_devices()[:1])
+  models = mtlface.build_models(config)
+  fr_tx = optim.aifr_optimizer(config.optim)
+  g_tx, d_tx = optim.fas_optimizers(config.fas_optim)
+  rep = sharding.replicated(mesh)
+
+  def build(rng):
+    return state_lib.init_state(state_lib.init_variables(models, config, rng), config,
+                                fr_tx, g_tx, d_tx)
+
+  state = jax.jit(build, out_shardings=rep)(jax.random.PRNGKey(0))
+  batches = [jax.device_put(b, sharding.batch_sharded(mesh))
+             for b in random_batches(config, 2)]
+  rng = jax.device_put(jax.random.PRNGKey(1), rep)
+  step_fn = steps.make_train_step(models, config, fr_tx=fr_tx, g_tx=g_tx, d_tx=d_tx,
+                                  state_sharding=rep, batch_sharding=sharding.batch_sharded(mesh))
+  start = time.perf_counter()
+  lowered = step_fn.lower(state, batches[0], rng)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+
+  def run_step(s, i):
+    return compiled(s, batches[i % len(batches)], rng)[0]
+
+  for i in range(args.warmup):
+    state = run_step(state, i)
+  seconds, samples, state = time_steps(run_step, state, args.steps, args.repeats)
+  flops = flops_of(compiled)
+  result = _report(task, batch, seconds, samples, flops, training=True)
+  result["compile_s"] = round(compile_s, 1)
+  result["step"] = int(state.step)
+  result["artifacts"] = _save_artifacts(args, compiled, run_step, state, f"{task}{batch}")
+  return result
+
+
+def measure_inference(args, batch: int) -> dict:
+  """Times flip-summed embeddings: the encoder on x and on its mirror."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.models import mtlface  # pylint: disable=g-import-not-at-top
+
+  config = build_config("infer", batch, args.model, args.dtype)
+  encoder = mtlface.build_models(config).encoder
+  size = config.image_size
+  variables = jax.jit(lambda r: encoder.init(r, jnp.zeros((1, size, size, 3))))(
+      jax.random.PRNGKey(0))
+
+  @jax.jit
+  def embed(variables, images):
+    single = lambda x: encoder.apply(variables, x, train=False).embedding.astype(jnp.float32)
+    return report.flip_sum_embeddings(single, images)
+
+  images = [jax.random.uniform(jax.random.PRNGKey(i), (batch, size, size, 3), jnp.float32, -1, 1)
+            for i in range(2)]
+  start = time.perf_counter()
+  compiled = embed.lower(variables, images[0]).compile()
+  compile_s = time.perf_counter() - start
+  # Chain a dependency through a scalar so steps are timed back to back.
+  run_step = lambda carry, i: compiled(variables, images[i % 2])[0, 0] + carry
+  carry = jnp.zeros((), jnp.float32)
+  for i in range(args.warmup):
+    carry = run_step(carry, i)
+  seconds, samples, _ = time_steps(run_step, carry, args.steps, args.repeats)
+  result = _report("infer", batch, seconds, samples, flops_of(compiled), training=False)
+  result["compile_s"] = round(compile_s, 1)
+  result["embeddings_per_s"] = result["images_per_s"]
+  return result
+
+
+def _report(task, batch, seconds, samples, flops, training: bool) -> dict:
+  """Throughput, FLOP rate and MFU of one run."""
+  tflops = flops / seconds / 1e12 if flops else 0.0
+  # A training image costs ~3 forwards; a flip-summed embedding 2 forwards.
+  reference_gflop = IR50_GFLOP_PER_IMAGE_FORWARD * (3 if training else 2)
+  return {
+      "task": task,
+      "batch": batch,
+      "images_per_s": round(batch / seconds, 1),
+      "ms_per_step": round(seconds * 1e3, 3),
+      "ms_per_step_samples": [round(s * 1e3, 3) for s in samples],
+      "xla_gflop_per_step": round(flops / 1e9, 1),
+      "xla_gflop_per_image": round(flops / batch / 1e9, 2),
+      "ir50_reference_gflop_per_image": reference_gflop,
+      "achieved_tflops": round(tflops, 1),
+      "mfu_vs_989_peak": round(tflops / H100_SXM_BF16_DENSE_TFLOPS, 4),
+      "mfu_vs_measured_798_matmul": round(tflops / MEASURED_BF16_MATMUL_TFLOPS, 4),
+      "peak_gib_in_use": _peak_gib(),
+  }
+
+
+def _peak_gib():
+  import jax  # pylint: disable=g-import-not-at-top
+  stats = jax.local_devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return round(peak / 2**30, 2) if peak is not None else None
+
+
+def environment() -> dict:
+  """JAX/jaxlib/Flax versions, device kind, driver, and XLA flags in effect."""
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  env = {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+         "backend": jax.default_backend(), "device": jax.local_devices()[0].device_kind,
+         "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  if shutil.which("nvidia-smi"):
+    query = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                            "--format=csv,noheader"], capture_output=True, text=True, check=False)
+    env["nvidia_smi"] = query.stdout.strip()
+  return env
+
+
+def run_single(args) -> dict:
+  """Measures one ``task:batch`` in this process."""
+  task, batch = parse_run(args.single)
+  if task == "infer":
+    result = measure_inference(args, batch)
+  else:
+    result = measure_train(args, task, batch)
+  result["model"] = args.model
+  result["dtype"] = args.dtype
+  from mtlface_jax.models import layers  # pylint: disable=g-import-not-at-top
+  result["models_from"] = str(Path(layers.__file__).resolve().parent)
+  result["environment"] = environment()
+  return result
+
+
+def parse_run(text: str) -> tuple[str, int]:
+  """``'aifr:128'`` -> ``('aifr', 128)`` with a clear error for bad input."""
+  task, _, batch = text.partition(":")
+  if task not in ("aifr", "fas", "infer") or not batch.isdigit() or int(batch) <= 0:
+    raise ValueError(f"bad run {text!r}: expected aifr|fas|infer:<positive batch>, e.g. aifr:128")
+  return task, int(batch)
+
+
+def _child_command(args, run: str) -> list[str]:
+  command = [sys.executable, __file__, "--single", run, "--model", args.model,
+             "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
+             "--repeats", str(args.repeats), "--top", str(args.top)]
+  for flag in ("hlo_dir", "profile_dir", "code_root"):
+    if getattr(args, flag):
+      command += [f"--{flag}", getattr(args, flag)]
+  return command
+
+
+def run_all(args) -> list[dict]:
+  """Runs each requested measurement in a fresh process and collects the JSON."""
+  env = dict(os.environ)
+  if args.xla_flags:
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+  results = []
+  for run in args.runs.split(","):
+    parse_run(run)
+    proc = subprocess.run(_child_command(args, run), env=env, capture_output=True, text=True,
+                          check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+      result = {"run": run, "error": (proc.stderr or proc.stdout)[-3000:]}
+    else:
+      result = json.loads(lines[-1])
+    if args.label:
+      result["label"] = args.label
+    print(json.dumps(result), flush=True)
+    results.append(result)
+  return results
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--runs", default="aifr:128,aifr:256,fas:128,infer:256",
+                      help="comma-separated task:per-device-batch (tasks: aifr, fas, infer)")
+  parser.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
+  parser.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported")
+  parser.add_argument("--warmup", type=int, default=5, help="untimed steps after compilation")
+  parser.add_argument("--model", choices=("full", "reduced"), default="full")
+  parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
+  parser.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS for the runs")
+  parser.add_argument("--hlo_dir", default="", help="write each run's optimised HLO here")
+  parser.add_argument("--profile_dir", default="",
+                      help="write a jax.profiler trace (xplane.pb) of 3 steps per run here")
+  parser.add_argument("--top", type=int, default=25, help="kernels listed in profile summaries")
+  parser.add_argument("--code_root", default="",
+                      help="import mtlface_jax from this folder first (to time another version)")
+  parser.add_argument("--label", default="", help="tag added to every result")
+  parser.add_argument("--output", default="", help="also write the JSON list to this file")
+  parser.add_argument("--single", default="", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.code_root:
+    sys.path.insert(0, str(Path(args.code_root).resolve()))
+  if args.single:
+    print(json.dumps(run_single(args)), flush=True)
+    return
+  results = run_all(args)
+  if args.output:
+    Path(args.output).write_text(json.dumps(results, indent=1))
+  print(json.dumps(results))
+
+
+if __name__ == "__main__":
+  main()

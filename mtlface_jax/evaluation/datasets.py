@@ -1,0 +1,275 @@
+"""Evaluation inputs: labelled face sets, pair lists and fold selections.
+
+A :class:`FaceSet` is a list of faces (image files or in-memory uint8 images)
+with identity and age labels, built from the formats of
+:mod:`mtlface_jax.formats` (UTKFace/FG-NET names, identity folders, MTLFace/
+SCAF lists) or a synthetic split. Parse problems raise ``ValueError`` naming
+the file (and line), or, with ``skip_bad_examples``, are counted in the set's
+``report`` and listed in the evaluation report.
+"""
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from mtlface_jax.evaluation import inference
+from mtlface_jax.formats import lists
+from mtlface_jax.formats import report as report_lib
+
+FOLDER_FORMATS = ("utkface", "fgnet", "identity", "images")
+PAIR_FORMATS = ("lfw", "generic", "numbered")
+
+
+@dataclasses.dataclass
+class FaceSet:
+  """Faces to evaluate, with labels.
+
+  Attributes:
+    name: how reports refer to the set.
+    source: where it came from (a path or "synthetic ...").
+    ids: [N] identity labels (ints, or strings such as folder names); -1 or
+      "" where unknown.
+    ages: float [N] ages in years, -1 where unknown.
+    paths: [N] image files, or None for in-memory images.
+    images: uint8 [N, H, W, 3] aligned faces, or None for files.
+    lfw_style: apply the fixed LFW crop to files (raw deep-funneled LFW).
+    report: parse counts (accepted, skipped entries with reasons).
+  """
+  name: str
+  source: str
+  ids: np.ndarray
+  ages: np.ndarray
+  paths: Optional[list[str]] = None
+  images: Optional[np.ndarray] = None
+  lfw_style: bool = False
+  report: report_lib.ParseReport = dataclasses.field(default_factory=report_lib.ParseReport)
+
+  def __post_init__(self):
+    if (self.paths is None) == (self.images is None):
+      raise ValueError(f"{self.name}: a FaceSet needs exactly one of paths or images")
+    self.ids = np.asarray(self.ids)
+    self.ages = np.asarray(self.ages, np.float32).reshape(-1)
+    lengths = {"ids": len(self.ids), "ages": len(self.ages),
+               "faces": len(self.paths if self.paths is not None else self.images)}
+    if len(set(lengths.values())) != 1:
+      raise ValueError(f"{self.name}: unequal lengths {lengths}")
+    if not lengths["faces"]:
+      raise ValueError(f"{self.name} ({self.source}): no faces to evaluate")
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  def faces(self, image_size: int) -> Iterator[np.ndarray]:
+    """Model inputs (float32 [S, S, 3] in [-1, 1]), decoded lazily."""
+    if self.paths is not None:
+      return inference.file_faces(self.paths, image_size, self.lfw_style)
+    return inference.array_faces(self.images, image_size)
+
+  def subset(self, indices: Sequence[int]) -> "FaceSet":
+    """The faces at ``indices`` (same name, source and report)."""
+    indices = np.asarray(indices, np.int64)
+    return dataclasses.replace(
+        self, ids=self.ids[indices], ages=self.ages[indices],
+        paths=None if self.paths is None else [self.paths[i] for i in indices],
+        images=None if self.images is None else self.images[indices])
+
+  def spread(self, max_faces: Optional[int]) -> "FaceSet":
+    """At most ``max_faces`` faces evenly spaced over the set (all if None/0)."""
+    if not max_faces or max_faces >= len(self):
+      return self
+    return self.subset(np.unique(np.linspace(0, len(self) - 1, max_faces).round()))
+
+  def check_files(self) -> None:
+    """Fails before any compute if image files are missing (naming them)."""
+    if self.paths is None:
+      return
+    missing = [p for p in self.paths if not os.path.isfile(p)]
+    if missing:
+      raise FileNotFoundError(f"{self.name}: {len(missing)} image file(s) missing, e.g. "
+                              + ", ".join(missing[:5]))
+
+  def summary(self, max_listed: int = 20) -> dict:
+    """JSON-ready description: source, counts and the first skipped entries."""
+    return {"source": self.source, "num_faces": len(self),
+            "num_skipped": self.report.num_skipped,
+            "skipped": [{"entry": where, "reason": why}
+                        for where, why in self.report.skipped[:max_listed]]}
+
+
+def from_records(name: str, source: str, records: Sequence[lists.FaceRecord],
+                 report: report_lib.ParseReport, lfw_style: bool = False,
+                 labels: Optional[Sequence] = None) -> FaceSet:
+  """A file FaceSet from parsed records (ids from the records unless ``labels``)."""
+  if not records:
+    raise ValueError(f"{source}: no usable images ({report.summary()})")
+  ids = np.asarray(labels if labels is not None else [r.id for r in records])
+  return FaceSet(name, source, ids, [r.age for r in records],
+                 paths=[r.path for r in records], lfw_style=lfw_style, report=report)
+
+
+def from_synthetic(name: str, split) -> FaceSet:
+  """A FaceSet over a split of ``mtlface_jax.synthetic.make_dataset``."""
+  return FaceSet(name, f"synthetic {name}", split.ids, split.ages, images=split.images)
+
+
+def from_folder(folder, folder_format: str, lfw_style: bool = False,
+                skip_bad_examples: bool = False) -> FaceSet:
+  """A FaceSet labelled from a folder's layout or file names.
+
+  Args:
+    folder: the folder.
+    folder_format: "utkface" (``age_gender_race_date.jpg.chip.jpg``: ages, no
+      identities), "fgnet" (``001A02.JPG``: person and age), "identity"
+      (``<folder>/<identity>/<image>``: identities by subfolder name, no
+      ages) or "images" (unlabelled images directly in the folder).
+    lfw_style: apply the fixed LFW crop to the images.
+    skip_bad_examples: count malformed names instead of raising.
+
+  Returns:
+    The FaceSet, named after the folder (its parent for a folder "images").
+
+  Raises:
+    ValueError / FileNotFoundError: naming the folder or the bad file.
+  """
+  folder = Path(folder).absolute()
+  # ".../utkface/images" is better named after the dataset than "images".
+  name = folder.parent.name if folder.name == "images" else folder.name
+  labels = None
+  if folder_format == "utkface":
+    records, parsed = lists.parse_utkface_folder(folder, skip_bad_examples=skip_bad_examples)
+  elif folder_format == "fgnet":
+    records, parsed = lists.parse_fgnet_folder(folder, skip_bad_examples=skip_bad_examples)
+  elif folder_format == "identity":
+    records, names, parsed = lists.parse_identity_folders(
+        folder, skip_bad_examples=skip_bad_examples)
+    labels = [names[r.id] for r in records]  # Names, so two folders' labels compare.
+  elif folder_format == "images":
+    records = [lists.FaceRecord(str(p)) for p in lists.list_image_files(folder)]
+    parsed = report_lib.ParseReport(num_ok=len(records))
+  else:
+    raise ValueError(f"folder format must be one of {FOLDER_FORMATS}, got {folder_format!r}")
+  return from_records(name, str(folder), records, parsed, lfw_style, labels)
+
+
+def from_list(list_path, images_root=None, lfw_style: bool = False,
+              skip_bad_examples: bool = False) -> FaceSet:
+  """A FaceSet from an MTLFace/SCAF list (lines ``id filename age gender``)."""
+  records, parsed = lists.parse_mtlface_list(list_path, images_root,
+                                             skip_bad_examples=skip_bad_examples)
+  return from_records(Path(list_path).stem, str(list_path), records, parsed, lfw_style)
+
+
+def load_pairs(path, pair_format: str, images_root=None, num_folds: int = 10,
+               skip_bad_examples: bool = False) -> tuple[list[lists.FacePair],
+                                                         report_lib.ParseReport]:
+  """Parses a verification pair list.
+
+  Args:
+    path: the list.
+    pair_format: "lfw" (``pairs.txt``), "generic" (``path1 path2 same
+      [fold]``) or "numbered" (CACD-VS: ``n path1 path2 same``).
+    images_root: the image folder the list's names are relative to.
+    num_folds: folds of a "numbered" list.
+    skip_bad_examples: count malformed lines instead of raising.
+
+  Returns:
+    (pairs, parse report).
+  """
+  kwargs = {"skip_bad_examples": skip_bad_examples}
+  if pair_format == "lfw":
+    return lists.parse_lfw_pairs(path, images_root, **kwargs)
+  if pair_format == "generic":
+    return lists.parse_pair_list(path, images_root, **kwargs)
+  if pair_format == "numbered":
+    return lists.parse_numbered_pairs(path, images_root, num_folds=num_folds, **kwargs)
+  raise ValueError(f"pair format must be one of {PAIR_FORMATS}, got {pair_format!r}")
+
+
+def limit_pairs_per_fold(pairs: Sequence[lists.FacePair],
+                         max_per_fold: Optional[int]) -> list[lists.FacePair]:
+  """Keeps the first ``max_per_fold`` matched and mismatched pairs of each fold.
+
+  A quick, smaller run of the same protocol (every fold keeps both kinds).
+  Pairs without folds count as one fold. None or 0 keeps everything.
+  """
+  if not max_per_fold:
+    return list(pairs)
+  counts, kept = {}, []
+  for pair in pairs:
+    key = (pair.fold, pair.issame)
+    if counts.get(key, 0) < max_per_fold:
+      counts[key] = counts.get(key, 0) + 1
+      kept.append(pair)
+  return kept
+
+
+def limit_pair_rows(pairs: np.ndarray, max_per_fold: Optional[int]) -> np.ndarray:
+  """:func:`limit_pairs_per_fold` for synthetic pair rows ``(a, b, issame, fold)``."""
+  if not max_per_fold:
+    return pairs
+  keep = np.zeros(len(pairs), bool)
+  for fold in np.unique(pairs[:, 3]):
+    for same in (0, 1):
+      rows = np.flatnonzero((pairs[:, 3] == fold) & (pairs[:, 2] == same))
+      keep[rows[:max_per_fold]] = True
+  return pairs[keep]
+
+
+def parse_fold_ordinals(text: str) -> list[int]:
+  """Parses 1-based fold numbers like ``"6-10"`` or ``"1,3,5-7"``.
+
+  Args:
+    text: comma-separated numbers and inclusive ranges; "" for none.
+
+  Returns:
+    Sorted distinct ordinals (1 = the first fold).
+
+  Raises:
+    ValueError: on malformed text or numbers below 1.
+  """
+  ordinals = set()
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+    if not match:
+      raise ValueError(f"bad fold selection {part!r} in {text!r}; use e.g. '6-10' or '1,3'")
+    first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+    if first < 1 or last < first:
+      raise ValueError(f"bad fold range {part!r}: folds are numbered from 1")
+    ordinals.update(range(first, last + 1))
+  return sorted(ordinals)
+
+
+def resolve_eval_folds(ordinals: Sequence[int], fold_labels: Sequence[int]) -> Optional[list[int]]:
+  """Maps 1-based fold ordinals to the fold labels a pair list uses.
+
+  Fold k is the k-th smallest label: for LFW (labels 0..9) folds 6-10 are
+  labels 5..9; for a list labelling folds 1..10 they are 6..10.
+
+  Args:
+    ordinals: from :func:`parse_fold_ordinals`; empty means all folds.
+    fold_labels: the labels present (any order, repeats allowed).
+
+  Returns:
+    The selected labels, or None for all folds.
+
+  Raises:
+    ValueError: naming an ordinal beyond the number of folds.
+  """
+  if not ordinals:
+    return None
+  labels = sorted(set(int(f) for f in fold_labels))
+  too_large = [k for k in ordinals if k > len(labels)]
+  if too_large:
+    raise ValueError(f"eval fold(s) {too_large} do not exist: the pairs have "
+                     f"{len(labels)} folds (numbered 1-{len(labels)})")
+  return [labels[k - 1] for k in ordinals]
+
+
+def pair_fold_labels(pairs: Sequence[lists.FacePair], num_folds: int = 10) -> list[int]:
+  """Fold labels of parsed pairs; contiguous 0..num_folds-1 when the list has none."""
+  labels = {p.fold for p in pairs}
+  return list(range(num_folds)) if labels == {-1} else sorted(labels)

@@ -1,0 +1,103 @@
+"""train.py as a process: SIGKILL/SIGTERM and resume, and two processes vs one (issue 4).
+
+Every run uses configs/tiny.py on the synthetic faces through the real input
+pipeline; compiled programs are shared through the persistent JAX cache.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from mtlface_jax.training import checkpoint as checkpoint_lib
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--config=configs/tiny.py", "--config.train_fas=True", "--config.checkpoint_every=2"]
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+  env["JAX_PLATFORMS"] = "cpu"
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+  env["PYTHONPATH"] = str(REPO)
+  return env
+
+
+def _start(workdir: Path, extra=(), devices: int = 4) -> subprocess.Popen:
+  cmd = [sys.executable, "train.py", f"--workdir={workdir}", *TINY, *extra]
+  return subprocess.Popen(cmd, cwd=REPO, env=_env(devices), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+def _wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, at_least: int, timeout=600):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    steps = [int(p.name) for p in (workdir / "checkpoints").glob("[0-9]*") if p.name.isdigit()]
+    if steps and max(steps) >= at_least:
+      return max(steps)
+    if proc.poll() is not None:
+      pytest.fail(f"training ended before step {at_least}: {proc.stdout.read()[-3000:]}")
+    time.sleep(0.2)
+  proc.kill()
+  pytest.fail(f"no checkpoint >= {at_least} within {timeout}s")
+
+
+def _variables(workdir: Path) -> dict:
+  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", async_save=False)
+  raw = ckpt.restore_raw()
+  return {"step": int(raw["step"]), "variables": raw["variables"], "opt": raw["opt_states"]}
+
+
+def test_sigkill_and_sigterm_then_resume_match_uninterrupted(tmp_path):
+  steps = ["--config.num_iter=10"]
+  _finish(_start(tmp_path / "straight", steps))
+  victim = _start(tmp_path / "killed", steps)
+  _wait_for_checkpoint(tmp_path / "killed", victim, 2)
+  victim.send_signal(signal.SIGKILL)
+  victim.wait()
+  preempted = _start(tmp_path / "killed", steps)
+  seen = _wait_for_checkpoint(tmp_path / "killed", preempted, 6)
+  preempted.send_signal(signal.SIGTERM)
+  _finish(preempted)  # SIGTERM: a clean exit after saving
+  assert _variables(tmp_path / "killed")["step"] >= seen
+  _finish(_start(tmp_path / "killed", steps))
+  a, b = _variables(tmp_path / "straight"), _variables(tmp_path / "killed")
+  assert a["step"] == b["step"] == 10
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a["variables"], b["variables"])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a["opt"], b["opt"])
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+  steps = ["--config.num_iter=3", "--config.checkpoint_every=3"]
+  _finish(_start(tmp_path / "single", steps, devices=4))
+  port = _free_port()
+  procs = [_start(tmp_path / "multi", [*steps, f"--coordinator_address=127.0.0.1:{port}",
+                                       "--num_processes=2", f"--process_id={i}"], devices=2)
+           for i in range(2)]
+  for proc in procs:
+    _finish(proc)
+  a, b = _variables(tmp_path / "single"), _variables(tmp_path / "multi")
+  assert a["step"] == b["step"] == 3
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5),
+                         a["variables"], b["variables"])
