@@ -15,10 +15,12 @@ Writes report.json, report.txt (also printed), roc.png and FAS grid PNGs into
 """
 
 from absl import app
+from absl import flags
 
 from mtlface_jax.evaluation import cli
 
 cli.define_flags()
+flags.adopt_module_key_flags(cli)  # --helpshort lists the evaluation flags.
 
 if __name__ == "__main__":
   app.run(cli.main)

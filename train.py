@@ -26,6 +26,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   from mtlface_jax.training import distributed  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize(_MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value)

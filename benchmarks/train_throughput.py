@@ -138,8 +138,8 @@ def _save_artifacts(args, compiled, run_step, state, name: str) -> dict:
   return saved
 
 
-def measure_train(args, task: str, batch: int) -> dict:
-  """Compiles and times the jitted AIFR or FAS step."""
+def _train_setup(args, task: str, batch: int):
+  """Config, jitted step, state builder and shardings of one training run."""
   import jax  # pylint: disable=g-import-not-at-top
   from mtlface_jax.models import mtlface  # pylint: disable=g-import-not-at-top
   from mtlface_jax.training import optim  # pylint: disable=g-import-not-at-top
@@ -152,18 +152,59 @@ def measure_train(args, task: str, batch: int) -> dict:
   models = mtlface.build_models(config)
   fr_tx = optim.aifr_optimizer(config.optim)
   g_tx, d_tx = optim.fas_optimizers(config.fas_optim)
-  rep = sharding.replicated(mesh)
+  rep, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
   def build(rng):
     return state_lib.init_state(state_lib.init_variables(models, config, rng), config,
                                 fr_tx, g_tx, d_tx)
 
-  state = jax.jit(build, out_shardings=rep)(jax.random.PRNGKey(0))
-  batches = [jax.device_put(b, sharding.batch_sharded(mesh))
-             for b in random_batches(config, 2)]
-  rng = jax.device_put(jax.random.PRNGKey(1), rep)
   step_fn = steps.make_train_step(models, config, fr_tx=fr_tx, g_tx=g_tx, d_tx=d_tx,
-                                  state_sharding=rep, batch_sharding=sharding.batch_sharded(mesh))
+                                  state_sharding=rep, batch_sharding=split)
+  return config, step_fn, build, rep, split
+
+
+def _lowered_flops(lowered) -> float:
+  """FLOPs of the unoptimised program (platform independent; 0 if unavailable)."""
+  try:
+    analysis = lowered.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return 0.0
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get("flops", 0.0))
+
+
+def count_flops(args, task: str, batch: int) -> dict:
+  """Lowers a step on abstract shapes (no device memory) and counts its FLOPs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  key = jax.random.PRNGKey(0)
+  if task == "infer":
+    config = build_config(task, batch, args.model, args.dtype)
+    embed, variables_fn = _inference_fns(config)
+    images = jax.ShapeDtypeStruct((batch, config.image_size, config.image_size, 3), jnp.float32)
+    lowered = embed.lower(jax.eval_shape(variables_fn, key), images)
+    reference = IR50_GFLOP_PER_IMAGE_FORWARD * 2
+  else:
+    config, step_fn, build, _, _ = _train_setup(args, task, batch)
+    state = jax.eval_shape(build, key)
+    batch_shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                          random_batches(config, 1)[0])
+    lowered = step_fn.lower(state, batch_shapes, key)
+    reference = IR50_GFLOP_PER_IMAGE_FORWARD * 3
+  flops = _lowered_flops(lowered)
+  return {"task": task, "batch": batch, "hlo_gflop_per_step": round(flops / 1e9, 1),
+          "hlo_gflop_per_image": round(flops / batch / 1e9, 2),
+          "ir50_reference_gflop_per_image": reference}
+
+
+def measure_train(args, task: str, batch: int) -> dict:
+  """Compiles and times the jitted AIFR or FAS step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  config, step_fn, build, rep, split = _train_setup(args, task, batch)
+  state = jax.jit(build, out_shardings=rep)(jax.random.PRNGKey(0))
+  batches = [jax.device_put(b, split) for b in random_batches(config, 2)]
+  rng = jax.device_put(jax.random.PRNGKey(1), rep)
   start = time.perf_counter()
   lowered = step_fn.lower(state, batches[0], rng)
   compiled = lowered.compile()
@@ -175,36 +216,45 @@ def measure_train(args, task: str, batch: int) -> dict:
   for i in range(args.warmup):
     state = run_step(state, i)
   seconds, samples, state = time_steps(run_step, state, args.steps, args.repeats)
-  flops = flops_of(compiled)
-  result = _report(task, batch, seconds, samples, flops, training=True)
+  result = _report(task, batch, seconds, samples, flops_of(compiled) or _lowered_flops(lowered),
+                   training=True)
+  result["hlo_gflop_per_step"] = round(_lowered_flops(lowered) / 1e9, 1)
   result["compile_s"] = round(compile_s, 1)
   result["step"] = int(state.step)
   result["artifacts"] = _save_artifacts(args, compiled, run_step, state, f"{task}{batch}")
   return result
 
 
-def measure_inference(args, batch: int) -> dict:
-  """Times flip-summed embeddings: the encoder on x and on its mirror."""
+def _inference_fns(config):
+  """(jitted flip-summed embed(variables, images), variables initialiser)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from mtlface_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   from mtlface_jax.models import mtlface  # pylint: disable=g-import-not-at-top
-
-  config = build_config("infer", batch, args.model, args.dtype)
   encoder = mtlface.build_models(config).encoder
   size = config.image_size
-  variables = jax.jit(lambda r: encoder.init(r, jnp.zeros((1, size, size, 3))))(
-      jax.random.PRNGKey(0))
 
   @jax.jit
   def embed(variables, images):
     single = lambda x: encoder.apply(variables, x, train=False).embedding.astype(jnp.float32)
     return report.flip_sum_embeddings(single, images)
 
+  return embed, lambda rng: encoder.init(rng, jnp.zeros((1, size, size, 3)))
+
+
+def measure_inference(args, batch: int) -> dict:
+  """Times flip-summed embeddings: the encoder on x and on its mirror."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  config = build_config("infer", batch, args.model, args.dtype)
+  embed, variables_fn = _inference_fns(config)
+  size = config.image_size
+  variables = jax.jit(variables_fn)(jax.random.PRNGKey(0))
   images = [jax.random.uniform(jax.random.PRNGKey(i), (batch, size, size, 3), jnp.float32, -1, 1)
             for i in range(2)]
   start = time.perf_counter()
-  compiled = embed.lower(variables, images[0]).compile()
+  lowered = embed.lower(variables, images[0])
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   # Chain a dependency through a scalar so steps are timed back to back.
   run_step = lambda carry, i: compiled(variables, images[i % 2])[0, 0] + carry
@@ -212,7 +262,9 @@ def measure_inference(args, batch: int) -> dict:
   for i in range(args.warmup):
     carry = run_step(carry, i)
   seconds, samples, _ = time_steps(run_step, carry, args.steps, args.repeats)
-  result = _report("infer", batch, seconds, samples, flops_of(compiled), training=False)
+  result = _report("infer", batch, seconds, samples, flops_of(compiled) or _lowered_flops(lowered),
+                   training=False)
+  result["hlo_gflop_per_step"] = round(_lowered_flops(lowered) / 1e9, 1)
   result["compile_s"] = round(compile_s, 1)
   result["embeddings_per_s"] = result["images_per_s"]
   return result
@@ -264,7 +316,9 @@ def environment() -> dict:
 def run_single(args) -> dict:
   """Measures one ``task:batch`` in this process."""
   task, batch = parse_run(args.single)
-  if task == "infer":
+  if args.flops_only:
+    result = count_flops(args, task, batch)
+  elif task == "infer":
     result = measure_inference(args, batch)
   else:
     result = measure_train(args, task, batch)
@@ -288,6 +342,8 @@ def _child_command(args, run: str) -> list[str]:
   command = [sys.executable, __file__, "--single", run, "--model", args.model,
              "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
              "--repeats", str(args.repeats), "--top", str(args.top)]
+  if args.flops_only:
+    command.append("--flops_only")
   for flag in ("hlo_dir", "profile_dir", "code_root"):
     if getattr(args, flag):
       command += [f"--{flag}", getattr(args, flag)]
@@ -334,6 +390,8 @@ def main(argv=None):
                       help="import mtlface_jax from this folder first (to time another version)")
   parser.add_argument("--label", default="", help="tag added to every result")
   parser.add_argument("--output", default="", help="also write the JSON list to this file")
+  parser.add_argument("--flops_only", action="store_true",
+                      help="only lower each run on abstract shapes and count its FLOPs (any host)")
   parser.add_argument("--single", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.code_root:

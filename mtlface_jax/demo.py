@@ -12,6 +12,7 @@ from pathlib import Path
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Demo config.")
@@ -29,7 +30,7 @@ def run_demo(config, workdir: str | Path) -> dict:
     The evaluation report (also written to ``workdir/eval/report.json``).
   """
   from mtlface_jax import data_sources  # pylint: disable=g-import-not-at-top
-  from mtlface_jax.evaluation import synthetic_eval  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.evaluation import protocols  # pylint: disable=g-import-not-at-top
   from mtlface_jax.training import loop  # pylint: disable=g-import-not-at-top
   workdir = Path(workdir)
   timings = {}
@@ -44,8 +45,8 @@ def run_demo(config, workdir: str | Path) -> dict:
   fas.init_from = str(workdir / "aifr")
   loop.train(fas, workdir / "fas")
   timings["fas_s"] = time.time() - start - timings["aifr_s"]
-  report = synthetic_eval.evaluate_checkpoint(workdir / "fas", data_sources.synthetic_for(config),
-                                              workdir / "eval")
+  report = protocols.evaluate_synthetic(str(workdir / "fas"), data=data_sources.synthetic_for(config),
+                                        output_dir=workdir / "eval", progress=True)
   report["timings"] = {**timings, "total_s": time.time() - start}
   (workdir / "eval" / "report.json").write_text(json.dumps(report, indent=2, default=float))
   return report
@@ -53,6 +54,7 @@ def run_demo(config, workdir: str | Path) -> dict:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   report = run_demo(_CONFIG.value, _WORKDIR.value)
   print(json.dumps(report, indent=2, default=float))
 

@@ -180,6 +180,15 @@ def test_limit_pairs_per_fold_keeps_both_kinds():
   assert datasets.limit_pairs_per_fold(pairs, 0) == pairs
 
 
+def test_lists_without_folds_get_contiguous_folds():
+  pairs = [lists.FacePair(f"a{i}", f"b{i}", i % 2 == 0, source=f"l:{i}") for i in range(5)]
+  assert [p.fold for p in datasets.with_contiguous_folds(pairs, 2)] == [0, 0, 0, 1, 1]
+  assert datasets.with_contiguous_folds(pairs[:0], 2) == []
+  mixed = [lists.FacePair("a", "b", True, 0, "l:0"), pairs[1]]
+  with pytest.raises(ValueError, match="l:1: pair has no fold while others do"):
+    datasets.with_contiguous_folds(mixed, 2)
+
+
 # --------------------------------------------------------------------------- #
 # Protocols end to end on the tiny checkpoint.
 # --------------------------------------------------------------------------- #
@@ -339,7 +348,7 @@ def test_several_verification_sources_in_one_report(workdir, data, tmp_path):
   for index, (a, b) in enumerate(ordered):
     for k in (a, b):
       Image.fromarray(test.images[k]).save(tmp_path / f"{k}.png")
-    lines.append(f"{a}.png {b}.png {int((a, b) in same)} {index % 2 + 1}")
+    lines.append(f"{a}.png {b}.png {int((a, b) in same)} {index // 4 + 1}")  # As the .bin.
   (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
   out = tmp_path / "out"
   report = cli.run(options(workdir, out, "verification", bins=(str(tmp_path / "set.bin"),),

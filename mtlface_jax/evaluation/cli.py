@@ -261,6 +261,7 @@ def _pair_list(options, model, report, path, pair_format, root, ordinals) -> Non
   pairs, parsed = datasets.load_pairs(path, pair_format, root, options.num_folds,
                                       options.skip_bad_examples)
   listed = len(pairs)
+  pairs = datasets.with_contiguous_folds(pairs, options.num_folds)
   pairs = datasets.limit_pairs_per_fold(pairs, options.max_pairs_per_fold)
   folds = datasets.resolve_eval_folds(ordinals, datasets.pair_fold_labels(pairs))
   name = Path(path).parent.name if pair_format == "lfw" else Path(path).stem

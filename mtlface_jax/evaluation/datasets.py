@@ -17,6 +17,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from mtlface_jax.evaluation import inference
+from mtlface_jax.evaluation import verification
 from mtlface_jax.formats import lists
 from mtlface_jax.formats import report as report_lib
 
@@ -269,7 +270,28 @@ def resolve_eval_folds(ordinals: Sequence[int], fold_labels: Sequence[int]) -> O
   return [labels[k - 1] for k in ordinals]
 
 
-def pair_fold_labels(pairs: Sequence[lists.FacePair], num_folds: int = 10) -> list[int]:
-  """Fold labels of parsed pairs; contiguous 0..num_folds-1 when the list has none."""
-  labels = {p.fold for p in pairs}
-  return list(range(num_folds)) if labels == {-1} else sorted(labels)
+def with_contiguous_folds(pairs: Sequence[lists.FacePair],
+                          num_folds: int = 10) -> list[lists.FacePair]:
+  """Gives a list without fold labels ``num_folds`` contiguous folds 0..F-1.
+
+  The blocks are those ``verification.contiguous_folds`` (and insightface)
+  use; a list whose pairs carry folds is returned unchanged.
+
+  Raises:
+    ValueError: if only some pairs have a fold, or there are fewer pairs
+      than folds.
+  """
+  folds = [p.fold for p in pairs]
+  if not pairs or min(folds) >= 0:
+    return list(pairs)
+  if max(folds) >= 0:
+    first = next(p for p in pairs if p.fold < 0)
+    raise ValueError(f"{first.source}: pair has no fold while others do; give every "
+                     "pair a fold or none")
+  labels = verification.contiguous_folds(len(pairs), num_folds)
+  return [dataclasses.replace(p, fold=int(f)) for p, f in zip(pairs, labels)]
+
+
+def pair_fold_labels(pairs: Sequence[lists.FacePair]) -> list[int]:
+  """The distinct fold labels of parsed pairs, ascending."""
+  return sorted({p.fold for p in pairs})
