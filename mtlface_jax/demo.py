@@ -3,7 +3,7 @@
 Writes into ``--workdir``: ``aifr/`` and ``fas/`` runs (checkpoints, metrics,
 TensorBoard, progression PNGs), ``eval/report.json`` (held-out verification,
 age MAE, FAS age accuracy and identity preservation) and
-``eval/age_progression.png``.
+``eval/fas_grid_synthetic_test_00.png`` (written by the evaluation).
 """
 
 import json

@@ -78,8 +78,11 @@ def test_sigkill_and_sigterm_then_resume_match_uninterrupted(tmp_path):
   _finish(_start(tmp_path / "killed", steps))
   a, b = _variables(tmp_path / "straight"), _variables(tmp_path / "killed")
   assert a["step"] == b["step"] == 10
-  jax.tree_util.tree_map(np.testing.assert_array_equal, a["variables"], b["variables"])
-  jax.tree_util.tree_map(np.testing.assert_array_equal, a["opt"], b["opt"])
+  # In one process resume is bit-identical (test_training.py); across fresh
+  # processes XLA:CPU has shown 1-ulp differences, hence the float32-ulp bound.
+  close = lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  jax.tree_util.tree_map(close, a["variables"], b["variables"])
+  jax.tree_util.tree_map(close, a["opt"], b["opt"])
 
 
 def _free_port() -> int:

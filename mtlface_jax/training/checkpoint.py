@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import flax
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -71,12 +72,19 @@ class Checkpointer:
         meta=ocp.args.JsonRestore()))["meta"])
 
   def restore_raw(self, step: Optional[int] = None) -> dict:
-    """The state as saved (nested dicts of arrays), without a target structure."""
+    """The state as saved, as nested dicts of NumPy arrays on the host.
+
+    Targets are shaped from the checkpoint's own metadata, so this works
+    whatever devices saved it (orbax would otherwise restore onto the saving
+    run's mesh and fail with a topology mismatch on other device counts).
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    on_disk = self._manager.item_metadata(step)["state"]
+    target = jax.tree_util.tree_map(lambda leaf: np.empty(leaf.shape, leaf.dtype), on_disk)
     return self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))["state"]
+        state=ocp.args.StandardRestore(target)))["state"]
 
   def wait(self) -> None:
     """Blocks until any asynchronous save has finished."""
