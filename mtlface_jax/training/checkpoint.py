@@ -81,10 +81,18 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    on_disk = self._manager.item_metadata(step)["state"]
-    target = jax.tree_util.tree_map(lambda leaf: np.empty(leaf.shape, leaf.dtype), on_disk)
-    return self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))["state"]
+    # A separate manager whose 'state' handler restores NumPy arrays on the
+    # host: StandardRestore insists on the saving run's device topology.
+    manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+        create=False), item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    try:
+      on_disk = manager.item_metadata(step)["state"]
+      restore_args = jax.tree_util.tree_map(
+          lambda _: ocp.RestoreArgs(restore_type=np.ndarray), on_disk)
+      return manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(restore_args=restore_args)))["state"]
+    finally:
+      manager.close()
 
   def wait(self) -> None:
     """Blocks until any asynchronous save has finished."""
