@@ -31,6 +31,13 @@ def learning_rate_schedule(*, lr: float, warmup: int, milestone, gamma: float,
   return schedule
 
 
+def schedule_from_config(optim_config) -> optax.Schedule:
+  """:func:`learning_rate_schedule` from a config's ``optim`` section."""
+  return learning_rate_schedule(lr=optim_config.lr, warmup=optim_config.warmup,
+                                milestone=optim_config.milestone, gamma=optim_config.gamma,
+                                min_lr=optim_config.min_lr)
+
+
 def weight_decay_mask(params) -> dict:
   """True for the leaves that get weight decay (see DECAYED_LEAVES/MODULES)."""
   def decide(path, _):
@@ -41,9 +48,7 @@ def weight_decay_mask(params) -> dict:
 
 def aifr_optimizer(optim_config) -> optax.GradientTransformation:
   """SGD with momentum, decay added to the gradients as ``torch.optim.SGD`` does."""
-  schedule = learning_rate_schedule(lr=optim_config.lr, warmup=optim_config.warmup,
-                                    milestone=optim_config.milestone, gamma=optim_config.gamma,
-                                    min_lr=optim_config.min_lr)
+  schedule = schedule_from_config(optim_config)
   return optax.chain(optax.add_decayed_weights(optim_config.weight_decay, weight_decay_mask),
                      optax.sgd(schedule, momentum=optim_config.momentum))
 

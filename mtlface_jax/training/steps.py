@@ -17,6 +17,7 @@ import optax
 from mtlface_jax import losses
 from mtlface_jax.models import layers
 from mtlface_jax.models import mtlface
+from mtlface_jax.training import optim
 from mtlface_jax.training import state as state_lib
 
 Metrics = dict[str, jax.Array]
@@ -77,12 +78,8 @@ def fr_update(state: state_lib.TrainState, batch, rng, *, models, config,
 
 
 def _current_lr(config, opt_state) -> jax.Array:
-  from mtlface_jax.training import optim  # pylint: disable=g-import-not-at-top
-  count = optax.tree_utils.tree_get(opt_state, "count")
-  o = config.optim
-  schedule = optim.learning_rate_schedule(lr=o.lr, warmup=o.warmup, milestone=o.milestone,
-                                          gamma=o.gamma, min_lr=o.min_lr)
-  return schedule(count)
+  """The learning rate the SGD update of this step used."""
+  return optim.schedule_from_config(config.optim)(optax.tree_utils.tree_get(opt_state, "count"))
 
 
 def _frozen_encode(models, variables, images):
@@ -107,7 +104,7 @@ def fas_update(state: state_lib.TrainState, batch, rng, *, models, config,
 
   # One generator forward serves both updates: keep its VJP for the G step.
   fake, generator_vjp, g_stats = jax.vjp(generate, v["generator"]["params"], has_aux=True)
-  d_params, (d_loss, spectral, d_grads) = _discriminator_update(
+  d_loss, spectral, d_grads = _discriminator_grads(
       models, v["discriminator"], batch["target_image"], jax.lax.stop_gradient(fake), target)
   d_updates, d_opt = d_tx.update(d_grads, state.opt_states["d"], v["discriminator"]["params"])
   d_params = optax.apply_updates(v["discriminator"]["params"], d_updates)
@@ -132,7 +129,7 @@ def fas_update(state: state_lib.TrainState, batch, rng, *, models, config,
   return state.replace(variables=variables, opt_states=opt_states), metrics, finite
 
 
-def _discriminator_update(models, d_vars, real, fake, target):
+def _discriminator_grads(models, d_vars, real, fake, target):
   """LSGAN D loss and gradient; real and fake share one forward (one power iteration)."""
   def loss_fn(d_params):
     scores, updates = models.discriminator.apply(
@@ -143,7 +140,7 @@ def _discriminator_update(models, d_vars, real, fake, target):
     return loss, updates["spectral"]
 
   (loss, spectral), grads = jax.value_and_grad(loss_fn, has_aux=True)(d_vars["params"])
-  return d_vars["params"], (loss, spectral, grads)
+  return loss, spectral, grads
 
 
 def _generator_loss(fake, *, models, config, variables, d_variables, source_id, target):
