@@ -5,8 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 DEMO_DIR ?= demo_out
+REAL_CONFIG ?= configs/real_lfw_utkface.py
+REAL_DIR ?= real_out
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo real clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +23,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m mtlface_jax.demo --workdir=$(DEMO_DIR)
+
+# The real-data recipe on ../shared/data (README "Real faces"); REAL_CONFIG=...:cpu on a CPU.
+real: $(STAMP)
+	$(PY) -m mtlface_jax.real_recipe --config=$(REAL_CONFIG) --workdir=$(REAL_DIR)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -59,6 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.list_file = ""
   c.data.image_root = ""
   c.data.skip_bad_examples = False
+  c.data.crop_scale = 1.0  # < 1: random scale/shift crops (input_pipeline.PipelineConfig)
+  c.data.shards_dir = ""   # face_shards only (mtlface_jax/real_data.py)
   c.data.tfds_name = ""
   c.data.tfds_split = "train"
   c.data.tfds_data_dir = ""

@@ -3,6 +3,7 @@
 ``config.data.name`` selects the examples:
   - ``synthetic_faces``: the embedded procedural dataset (mtlface_jax/synthetic.py);
   - ``mtlface_list``: an ``id filename age gender`` list over an image root;
+  - ``face_shards``: the LFW + UTKFace shards of mtlface_jax/real_data.py;
   - ``tfds``: any TFDS dataset with image/id/age/gender features
     (``config.data.tfds_name``, ``config.data.tfds_split``).
 Batches follow the contract of mtlface_jax/input_pipeline.py and resume
@@ -51,9 +52,23 @@ def train_source(config) -> input_pipeline.Source:
     if report.num_skipped:
       logging.warning("%s: %s", d.list_file, report)
     return input_pipeline.source_from_records(records, skip_bad_examples=d.skip_bad_examples)
+  if d.name == "face_shards":
+    return real_data_source(config)
   if d.name == "tfds":
     return input_pipeline.source_from_tfds(d.tfds_name, d.tfds_split, data_dir=d.tfds_data_dir or None)
-  raise ValueError(f"unknown config.data.name {d.name!r}; use synthetic_faces, mtlface_list or tfds")
+  raise ValueError(f"unknown config.data.name {d.name!r}; use synthetic_faces, mtlface_list, "
+                   "face_shards or tfds")
+
+
+def real_data_source(config) -> input_pipeline.Source:
+  """The training split of the LFW + UTKFace shards (``configs/real_lfw_utkface.py``)."""
+  from mtlface_jax import real_data  # pylint: disable=g-import-not-at-top
+  shards = real_data.ShardSet(config.data.shards_dir)
+  if shards.num_classes != config.model.num_classes:
+    raise ValueError(f"{config.data.shards_dir} has {shards.num_classes} training identities "
+                     f"but config.model.num_classes is {config.model.num_classes}; pass "
+                     f"--config.model.num_classes={shards.num_classes}")
+  return shards.train_source()
 
 
 def train_batches(config, start_step: int) -> Iterator[dict]:
@@ -71,6 +86,7 @@ def train_batches(config, start_step: int) -> Iterator[dict]:
       input_pipeline.PipelineConfig(global_batch_size=config.batch_size, seed=config.seed,
                                     num_groups=config.age_group, image_size=config.image_size,
                                     fas_targets=bool(config.train_fas),
+                                    crop_scale=config.data.crop_scale,
                                     skip_bad_examples=config.data.skip_bad_examples),
       start_step=start_step)
   keys = STEP_KEYS + (FAS_KEYS if config.train_fas else ())

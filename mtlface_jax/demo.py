@@ -31,20 +31,10 @@ def run_demo(config, workdir: str | Path) -> dict:
   """
   from mtlface_jax import data_sources  # pylint: disable=g-import-not-at-top
   from mtlface_jax.evaluation import protocols  # pylint: disable=g-import-not-at-top
-  from mtlface_jax.training import loop  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.training import stages  # pylint: disable=g-import-not-at-top
   workdir = Path(workdir)
-  timings = {}
   start = time.time()
-  aifr = config.copy_and_resolve_references()
-  aifr.train_fr, aifr.train_fas = True, False
-  loop.train(aifr, workdir / "aifr")
-  timings["aifr_s"] = time.time() - start
-  fas = config.copy_and_resolve_references()
-  fas.train_fr, fas.train_fas = False, True
-  fas.num_iter = config.fas_num_iter
-  fas.init_from = str(workdir / "aifr")
-  loop.train(fas, workdir / "fas")
-  timings["fas_s"] = time.time() - start - timings["aifr_s"]
+  timings = stages.train_aifr_then_fas(config, workdir)
   report = protocols.evaluate_synthetic(str(workdir / "fas"), data=data_sources.synthetic_for(config),
                                         output_dir=workdir / "eval", progress=True)
   report["timings"] = {**timings, "total_s": time.time() - start}

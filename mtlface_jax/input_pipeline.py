@@ -54,7 +54,7 @@ except RuntimeError:  # Devices were already initialised by the caller.
   pass
 
 AUTOTUNE = tf.data.AUTOTUNE
-_STREAM_PERMUTATION, _STREAM_FLIP, _STREAM_TARGET = 1, 2, 3
+_STREAM_PERMUTATION, _STREAM_FLIP, _STREAM_TARGET, _STREAM_CROP = 1, 2, 3, 4
 _MAX_AGE = ages_lib.NUM_AGE_CLASSES - 1
 
 
@@ -397,6 +397,10 @@ class PipelineConfig:
     train: shuffled epochs with flips and the remainder dropped; False gives
       every example once, in order, the last batch padded ('mask').
     flip: random horizontal flips (train only).
+    crop_scale: < 1 adds random square crops (train only, not FAS targets)
+      whose side is a uniform fraction in [crop_scale, 1] of the image, at a
+      uniform position, resized back to S: scale and shift jitter for small
+      real datasets. 1 (default) leaves images whole.
     fas_targets: add 'target_group' and 'target_image'.
     skip_bad_examples: decode everything once up front and drop what fails
       (counted in the report) instead of raising when it is met.
@@ -411,6 +415,7 @@ class PipelineConfig:
   image_size: int = 112
   train: bool = True
   flip: bool = True
+  crop_scale: float = 1.0
   fas_targets: bool = False
   skip_bad_examples: bool = False
   num_parallel_calls: int = AUTOTUNE
@@ -515,6 +520,8 @@ class InputPipeline:
     if not (cfg.train and cfg.flip):
       flips = tf.zeros_like(flips)
     plan = {"index": index, "flip": flips[0], "mask": mask}
+    if cfg.train and cfg.crop_scale < 1:
+      plan["crop_box"] = self._plan_crops(step, batch)
     if cfg.fas_targets:
       plan.update(self._plan_targets(step, batch))
       plan["target_flip"] = flips[1]
@@ -535,6 +542,14 @@ class InputPipeline:
     index = tf.gather(self._by_group,
                       tf.gather(self._group_offsets, group) + within)
     return {"target_group": group, "target_index": index}
+
+  def _plan_crops(self, step, batch: int) -> tf.Tensor:
+    """Normalised [y0, x0, y1, x1] boxes of random squares (see crop_scale)."""
+    seed = tf.stack([tf.constant(_stream_seed(self.config.seed, _STREAM_CROP), tf.int64), step])
+    draws = tf.random.stateless_uniform([3, batch], seed)
+    side = self.config.crop_scale + (1.0 - self.config.crop_scale) * draws[0]
+    top, left = draws[1] * (1.0 - side), draws[2] * (1.0 - side)
+    return tf.stack([top, left, top + side, left + side], axis=1)
 
   def plan_numpy(self, step: int) -> dict[str, np.ndarray]:
     """:meth:`plan` evaluated eagerly (for tests and error reports)."""
@@ -590,8 +605,11 @@ class InputPipeline:
   def _finish(self, plan):
     """Flips, scales to [-1, 1] and attaches the labels."""
     index = plan["index"]
+    image = plan["image"]
+    if "crop_box" in plan:
+      image = _crop_and_resize(image, plan["crop_box"])
     out = {
-        "image": _flip_and_scale(plan["image"], plan["flip"]),
+        "image": _flip_and_scale(image, plan["flip"]),
         "id": tf.gather(self.source.ids, index),
         "age": tf.gather(self.source.ages, index),
         "group": tf.gather(self.groups, index),
@@ -630,6 +648,14 @@ class InputPipeline:
             f"{self.source.names[index]}: {reason} (step {self.step}; pass "
             "skip_bad_examples=True to skip and count bad examples)")
     return err
+
+
+def _crop_and_resize(images: tf.Tensor, boxes: tf.Tensor) -> tf.Tensor:
+  """Crops each uint8 image to its box and resizes it back (bilinear)."""
+  size = tf.shape(images)[1:3]
+  crops = tf.image.crop_and_resize(tf.cast(images, tf.float32), boxes,
+                                   tf.range(tf.shape(images)[0]), size)
+  return tf.cast(tf.clip_by_value(tf.round(crops), 0, 255), tf.uint8)
 
 
 def _flip_and_scale(images: tf.Tensor, flip: tf.Tensor) -> tf.Tensor:

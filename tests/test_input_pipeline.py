@@ -68,6 +68,23 @@ def test_resize_to_config_image_size(source):
   assert batch["image"].shape == (16, 32, 32, 3)
 
 
+def test_random_crops_are_in_bounds_resumable_and_change_images(source, faces):
+  plain = _take(_pipeline(source), 2)
+  cropped = _take(_pipeline(source, crop_scale=0.7), 2)
+  resumed = _take(_pipeline(source, crop_scale=0.7, start_step=1), 1)[0]
+  np.testing.assert_array_equal(cropped[1]["image"], resumed["image"])
+  np.testing.assert_array_equal(cropped[0]["index"], plain[0]["index"])
+  assert not np.array_equal(cropped[0]["image"], plain[0]["image"])
+  boxes = _pipeline(source, crop_scale=0.7).plan_numpy(0)["crop_box"]
+  sides = boxes[:, 2] - boxes[:, 0]
+  np.testing.assert_allclose(sides, boxes[:, 3] - boxes[:, 1], atol=1e-6)
+  assert (sides >= 0.7 - 1e-6).all() and (sides <= 1).all()
+  assert (boxes >= 0).all() and (boxes <= 1 + 1e-6).all()
+  # A whole-image box reproduces the image (up to bilinear rounding).
+  whole = ip._crop_and_resize(faces.train.images[:2], np.array([[0, 0, 1, 1]] * 2, np.float32))
+  np.testing.assert_allclose(np.asarray(whole, np.float32), faces.train.images[:2], atol=1)
+
+
 def test_epoch_is_a_permutation_with_remainder_dropped(source):
   pipeline = _pipeline(source)
   steps = pipeline.steps_per_epoch
