@@ -80,3 +80,25 @@ def get_config() -> ml_collections.ConfigDict:
   c.max_consecutive_nonfinite = 20
   c.eval_every = 0
   return c
+
+
+def reduce_model_for_cpu(c: ml_collections.ConfigDict,
+                         depths: tuple[int, ...] = (16, 32, 64, 128)) -> None:
+  """Switches ``c`` to a small float32 model at 64x64 that a 2-core CPU trains.
+
+  Shared by the demo's and the real-data recipe's CPU variants.
+
+  Args:
+    c: the config to change in place.
+    depths: channels of the four encoder stages (one IR unit each).
+  """
+  c.dtype = "float32"
+  c.image_size = 64
+  c.model.units = (1, 1, 1, 1)
+  c.model.depths = depths
+  c.model.icm_unit_count = 32
+  c.model.decoder_features = (64, 32, 16, 16)
+  c.model.discriminator_features = (16, 32, 64, 128, 128)
+  # A softer CosFace converges in the few hundred steps a CPU affords.
+  c.head_s = 32.0
+  c.head_m = 0.2

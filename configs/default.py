@@ -33,22 +33,13 @@ def get_config():
 
 def _reduce_for_cpu(c):
   """A model and run that fit a 2-core CPU in minutes."""
-  c.dtype = "float32"
-  c.image_size = 64
+  common.reduce_model_for_cpu(c)
   c.data.num_identities = 150
   c.data.images_per_identity = 16
   c.data.test_fraction = 0.2
   c.data.num_folds = 5
   c.data.pairs_per_fold = 60
   c.model.num_classes = 120
-  c.model.units = (1, 1, 1, 1)
-  c.model.depths = (16, 32, 64, 128)
-  c.model.icm_unit_count = 32
-  c.model.decoder_features = (64, 32, 16, 16)
-  c.model.discriminator_features = (16, 32, 64, 128, 128)
-  # A softer CosFace converges in the few hundred steps a CPU affords.
-  c.head_s = 32.0
-  c.head_m = 0.2
   c.batch_size = 32
   c.num_iter = 250
   c.optim.warmup = 25

@@ -51,15 +51,7 @@ def get_config(variant: str = ""):
 
 def _reduce_for_cpu(c):
   """A smaller model at 64x64 that a 2-core CPU trains in tens of minutes."""
-  c.dtype = "float32"
-  c.image_size = 64
-  c.model.units = (1, 1, 1, 1)
-  c.model.depths = (32, 64, 128, 256)
-  c.model.icm_unit_count = 32
-  c.model.decoder_features = (64, 32, 16, 16)
-  c.model.discriminator_features = (16, 32, 64, 128, 128)
-  c.head_s = 32.0
-  c.head_m = 0.2
+  common.reduce_model_for_cpu(c, depths=(32, 64, 128, 256))
   c.batch_size = 64
   c.num_iter = 1_000
   c.optim.warmup = 100
