@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
+from mtlface_jax import inference as inference_lib
 from mtlface_jax.models import discriminator
 from mtlface_jax.models import generator
 from mtlface_jax.models import heads
@@ -141,11 +141,14 @@ def load_model(path, dtype: str = "float32", step: Optional[int] = None,
       variables that do not fit the modules (naming module and parameter).
   """
   directory = checkpoint_lib.checkpoint_dir(path)
-  raw, meta = restore_on_host(directory, step)
-  variables = raw.get("variables") if isinstance(raw, dict) else None
+  try:
+    # Only the variables are read (not the optimizer states), as host NumPy
+    # arrays whatever devices saved them.
+    variables, meta, saved_step = inference_lib.restore_variables(directory, step)
+  except inference_lib.BundleError as e:
+    raise ValueError(str(e)) from e
   if not variables:
     raise ValueError(f"checkpoint {directory} holds no 'variables'")
-  variables = jax.tree_util.tree_map(np.asarray, dict(variables))
   if meta.get("converted_from"):
     models = models_from_conversion_meta(meta, dtype)
     info = {"kind": "converted", "layout": meta.get("layout"),
@@ -155,54 +158,12 @@ def load_model(path, dtype: str = "float32", step: Optional[int] = None,
     config = config_from_meta(meta)
     models = models_from_config(config, dtype)
     info = {"kind": "training", "task": meta.get("task"), "image_size": int(config.image_size),
-            "age_group": int(config.age_group), "step": int(meta.get("step", raw.get("step", 0)))}
+            "age_group": int(config.age_group), "step": int(meta.get("step", saved_step))}
   info.update(checkpoint=str(Path(directory).absolute()), modules=sorted(variables), dtype=dtype)
   loaded = LoadedModel(models, variables, info)
   if validate:
     check_variables(loaded)
   return loaded
-
-
-def restore_on_host(directory, step: Optional[int] = None) -> tuple[dict, dict]:
-  """Restores a checkpoint's state as NumPy arrays, whatever devices saved it.
-
-  ``Checkpointer.restore_raw`` restores onto the saving run's device mesh and
-  fails ("topology mismatch") when the evaluating process has other devices,
-  e.g. a checkpoint trained on 8 GPUs evaluated on a 1-GPU or CPU machine.
-  Restoring into NumPy targets shaped from the checkpoint's own metadata
-  avoids that.
-
-  Args:
-    directory: a checkpoints directory (step subfolders).
-    step: which checkpoint; the latest if None.
-
-  Returns:
-    (state as nested dicts of NumPy arrays, JSON meta).
-
-  Raises:
-    FileNotFoundError: if there is no checkpoint in ``directory``.
-  """
-  directory = Path(directory).absolute()
-  if not directory.is_dir():
-    raise FileNotFoundError(f"checkpoint directory not found: {directory}")
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(create=False),
-      item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "meta": ocp.JsonCheckpointHandler()})
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {directory}")
-    if step not in manager.all_steps():
-      raise FileNotFoundError(f"no checkpoint of step {step} in {directory} (steps: "
-                              f"{sorted(manager.all_steps())})")
-    on_disk = manager.item_metadata(step)["state"]
-    target = jax.tree_util.tree_map(lambda leaf: np.empty(leaf.shape, leaf.dtype), on_disk)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-  finally:
-    manager.close()
-  return restored["state"], dict(restored["meta"])
 
 
 def from_variables(models: mtlface.MTLFaceModels, variables: dict, config,

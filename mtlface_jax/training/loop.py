@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Optional
 import jax
 import numpy as np
 
+from mtlface_jax import inference
 from mtlface_jax import synthesis
 from mtlface_jax.models import mtlface
 from mtlface_jax.training import checkpoint as checkpoint_lib
@@ -55,8 +56,8 @@ def load_pretrained(state: state_lib.TrainState, path: str, mesh) -> state_lib.T
   Used to start FAS from a finished AIFR run (``config.init_from``): only the
   modules present in both runs are taken; optimizer states start fresh.
   """
-  raw = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(path), async_save=False).restore_raw()
-  source = raw["variables"]
+  # Only the variables are read: the AIFR run's optimizer states stay on disk.
+  source, _, _ = inference.restore_variables(checkpoint_lib.checkpoint_dir(path))
   variables = dict(state.variables)
   taken = []
   for name in variables:
