@@ -58,9 +58,7 @@ def write_untrained_checkpoint(config, workdir: Path) -> Path:
   mesh = sharding.make_mesh()
   variables = jax.jit(lambda rng: state_lib.init_variables(models, config, rng),
                       out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(0))
-  g_tx, d_tx = optim.fas_optimizers(config.fas_optim)
-  state = state_lib.init_state(variables, config, optim.aifr_optimizer(config.optim),
-                               g_tx, d_tx)
+  state = state_lib.init_state(variables, config, *optim.optimizers_from_config(config))
   saver = checkpoint_lib.Checkpointer(workdir / "checkpoints", async_save=False)
   saver.save(1, state, {"step": 1, "data_position": 1, "task": "fas",
                         "config": config.to_json()})

@@ -67,11 +67,9 @@ def trained(tmp_path_factory):
   config = tiny.get_config()
   config.train_fas = True
   models = mtlface.build_models(config)
-  fr_tx = optim.aifr_optimizer(config.optim)
-  g_tx, d_tx = optim.fas_optimizers(config.fas_optim)
+  txs = optim.optimizers_from_config(config)
   abstract = jax.eval_shape(lambda rng: state_lib.init_state(
-      state_lib.init_variables(models, config, rng), config, fr_tx, g_tx, d_tx),
-                            jax.random.PRNGKey(0))
+      state_lib.init_variables(models, config, rng), config, *txs), jax.random.PRNGKey(0))
   zeros = lambda tree: jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), tree)
   variables = _random_variables(abstract.variables)
   state = zeros(abstract).replace(variables=variables)

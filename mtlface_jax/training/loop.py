@@ -37,14 +37,11 @@ def _task_name(config) -> str:
       (bool(config.train_fr), bool(config.train_fas))]
 
 
-def create_state(config, models, mesh) -> state_lib.TrainState:
+def create_state(config, models, mesh, txs: optim.Optimizers) -> state_lib.TrainState:
   """Initialises a replicated state (jitted, so it is built on the devices)."""
-  fr_tx = optim.aifr_optimizer(config.optim)
-  g_tx, d_tx = optim.fas_optimizers(config.fas_optim)
 
   def build(rng):
-    return state_lib.init_state(state_lib.init_variables(models, config, rng), config,
-                                fr_tx, g_tx, d_tx)
+    return state_lib.init_state(state_lib.init_variables(models, config, rng), config, *txs)
 
   init_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
   return jax.jit(build, out_shardings=sharding.replicated(mesh))(init_rng)
@@ -125,18 +122,17 @@ def train(config, workdir: str | Path, batches_fn: Optional[BatchesFn] = None,
   mesh = sharding.make_mesh(devices)
   sharding.check_batch_divisible(config.batch_size, mesh)
   models = mtlface.build_models(config)
-  state = create_state(config, models, mesh)
+  txs = optim.optimizers_from_config(config)
+  state = create_state(config, models, mesh, txs)
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
   if ckpt.latest_step() is not None:
     state, _ = ckpt.restore(state)
     logging.info("resumed from step %d", int(state.step))
   elif config.init_from:
     state = load_pretrained(state, config.init_from, mesh)
-  fr_tx = optim.aifr_optimizer(config.optim)
-  g_tx, d_tx = optim.fas_optimizers(config.fas_optim)
-  rep = sharding.replicated(mesh)
-  step_fn = steps.make_train_step(models, config, fr_tx=fr_tx, g_tx=g_tx, d_tx=d_tx,
-                                  state_sharding=rep, batch_sharding=sharding.batch_sharded(mesh))
+  step_fn = steps.make_train_step(models, config, fr_tx=txs.fr, g_tx=txs.g, d_tx=txs.d,
+                                  state_sharding=sharding.replicated(mesh),
+                                  batch_sharding=sharding.batch_sharded(mesh))
   writer = writers.MetricWriter(workdir)
   writer.write_hparams(config.to_dict())
   try:

@@ -1,5 +1,7 @@
 """Optimizers and the reference learning-rate and weight-decay rules."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -58,3 +60,16 @@ def fas_optimizers(fas_config) -> tuple[optax.GradientTransformation, optax.Grad
   generator = optax.adam(fas_config.g_lr, b1=fas_config.b1, b2=fas_config.b2)
   discriminator = optax.adam(fas_config.d_lr, b1=fas_config.b1, b2=fas_config.b2)
   return generator, discriminator
+
+
+class Optimizers(NamedTuple):
+  """The three optimizers of a run: AIFR SGD, FAS generator and discriminator Adam."""
+  fr: optax.GradientTransformation
+  g: optax.GradientTransformation
+  d: optax.GradientTransformation
+
+
+def optimizers_from_config(config) -> Optimizers:
+  """The optimizers of a training config (``optim`` and ``fas_optim``)."""
+  generator, discriminator = fas_optimizers(config.fas_optim)
+  return Optimizers(aifr_optimizer(config.optim), generator, discriminator)
