@@ -14,11 +14,16 @@ Tasks:
   infer  flip-summed embeddings (encoder on x and its mirror, inference mode)
 
 Each run executes in its own process so that ``peak_bytes_in_use`` belongs to
-that run alone. FLOPs come from XLA's cost analysis of the compiled program
-and are compared with the IR-50 count of 12.6 GFLOP per 112x112 image forward
-(3x that per training image). MFU is reported against the H100 SXM dense bf16
-peak (989.4 TFLOP/s) and against a measured bf16 matmul ceiling (~798 TFLOP/s
-on this workplace's H100, 8192^3).
+that run alone. FLOPs come from XLA's cost analysis of the same step lowered
+for the CPU on abstract shapes (``flops_source: xla_cpu_cost_analysis``), on
+every host: the GPU has no cost analysis of a lowered program, and that of
+its compiled program leaves out the cuDNN convolutions (custom calls), ~99% of
+the work. ``--flops_only`` reports the same count without timing anything.
+The count is checked against a dense convolution/matmul count of the traced
+program (``benchmarks/flop_count.py``) and against the IR-50 count of 12.6
+GFLOP per 112x112 image forward (3x that per training image). MFU is reported
+against the H100 SXM dense bf16 peak (989.4 TFLOP/s) and against a measured
+bf16 matmul ceiling (~798 TFLOP/s on this workplace's H100, 8192^3).
 
 ``--model reduced`` uses a tiny network (seconds on a CPU) to smoke-test the
 script itself; its numbers mean nothing.
@@ -61,8 +66,8 @@ def build_config(task: str, batch: int, model: str, dtype: str):
   return config
 
 
-def random_batches(config, count: int, seed: int = 0) -> list[dict]:
-  """``count`` device-resident batches of the batch contract (random contents)."""
+def random_batches(config, count: int, seed: int = 0, on_device: bool = True) -> list[dict]:
+  """``count`` batches of the batch contract (random contents), on the device by default."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mtlface_jax import ages  # pylint: disable=g-import-not-at-top
@@ -81,7 +86,7 @@ def random_batches(config, count: int, seed: int = 0) -> list[dict]:
     if config.train_fas:
       batch["target_group"] = rng.integers(0, config.age_group, n).astype(np.int32)
       batch["target_image"] = rng.uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
-    batches.append(jax.device_put(batch))
+    batches.append(jax.device_put(batch) if on_device else batch)
   return batches
 
 
@@ -138,8 +143,18 @@ def _save_artifacts(args, compiled, run_step, state, name: str) -> dict:
   return saved
 
 
-def _train_setup(args, task: str, batch: int):
-  """Config, jitted step, state builder and shardings of one training run."""
+def _train_setup(args, task: str, batch: int, devices=None):
+  """Config, jitted step, state builder and shardings of one training run.
+
+  Args:
+    args: the parsed flags (``model``, ``dtype``).
+    task: ``'aifr'`` or ``'fas'``.
+    batch: per-device batch.
+    devices: the mesh's devices; the first local device by default.
+
+  Returns:
+    ``(config, step_fn, build, replicated, batch_sharded)``.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from mtlface_jax.models import mtlface  # pylint: disable=g-import-not-at-top
   from mtlface_jax.training import optim  # pylint: disable=g-import-not-at-top
@@ -148,23 +163,21 @@ def _train_setup(args, task: str, batch: int):
   from mtlface_jax.training import steps  # pylint: disable=g-import-not-at-top
 
   config = build_config(task, batch, args.model, args.dtype)
-  mesh = sharding.make_mesh(jax.local_devices()[:1])
+  mesh = sharding.make_mesh(devices or jax.local_devices()[:1])
   models = mtlface.build_models(config)
-  fr_tx = optim.aifr_optimizer(config.optim)
-  g_tx, d_tx = optim.fas_optimizers(config.fas_optim)
+  txs = optim.optimizers_from_config(config)
   rep, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
   def build(rng):
-    return state_lib.init_state(state_lib.init_variables(models, config, rng), config,
-                                fr_tx, g_tx, d_tx)
+    return state_lib.init_state(state_lib.init_variables(models, config, rng), config, *txs)
 
-  step_fn = steps.make_train_step(models, config, fr_tx=fr_tx, g_tx=g_tx, d_tx=d_tx,
+  step_fn = steps.make_train_step(models, config, fr_tx=txs.fr, g_tx=txs.g, d_tx=txs.d,
                                   state_sharding=rep, batch_sharding=split)
   return config, step_fn, build, rep, split
 
 
 def _lowered_flops(lowered) -> float:
-  """FLOPs of the unoptimised program (platform independent; 0 if unavailable)."""
+  """FLOPs of the unoptimised program (0 where the backend cannot count them)."""
   try:
     analysis = lowered.cost_analysis()
   except Exception:  # pylint: disable=broad-except
@@ -174,28 +187,67 @@ def _lowered_flops(lowered) -> float:
   return float((analysis or {}).get("flops", 0.0))
 
 
-def count_flops(args, task: str, batch: int) -> dict:
-  """Lowers a step on abstract shapes (no device memory) and counts its FLOPs."""
+def _trace_on_cpu(args, task: str, batch: int):
+  """Traces the step (or inference) for the host CPU on abstract shapes.
+
+  Returns:
+    ``(traced, reference_gflop_per_image)``; nothing touches device memory.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  cpu = jax.devices("cpu")[:1]
   key = jax.random.PRNGKey(0)
   if task == "infer":
     config = build_config(task, batch, args.model, args.dtype)
     embed, variables_fn = _inference_fns(config)
-    images = jax.ShapeDtypeStruct((batch, config.image_size, config.image_size, 3), jnp.float32)
-    lowered = embed.lower(jax.eval_shape(variables_fn, key), images)
-    reference = IR50_GFLOP_PER_IMAGE_FORWARD * 2
-  else:
-    config, step_fn, build, _, _ = _train_setup(args, task, batch)
-    state = jax.eval_shape(build, key)
-    batch_shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                                          random_batches(config, 1)[0])
-    lowered = step_fn.lower(state, batch_shapes, key)
-    reference = IR50_GFLOP_PER_IMAGE_FORWARD * 3
-  flops = _lowered_flops(lowered)
-  return {"task": task, "batch": batch, "hlo_gflop_per_step": round(flops / 1e9, 1),
-          "hlo_gflop_per_image": round(flops / batch / 1e9, 2),
-          "ir50_reference_gflop_per_image": reference}
+    # Abstract arguments committed to the CPU make jit lower for the CPU backend.
+    on_cpu = jax.sharding.SingleDeviceSharding(cpu[0])
+    abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_cpu)
+    variables = jax.tree_util.tree_map(abstract, jax.eval_shape(variables_fn, key))
+    images = abstract(jax.ShapeDtypeStruct((batch,) + (config.image_size,) * 2 + (3,),
+                                           jnp.float32))
+    return embed.trace(variables, images), IR50_GFLOP_PER_IMAGE_FORWARD * 2
+  # A step built on a CPU mesh: its shardings, hence its backend, are the CPU's.
+  config, step_fn, build, _, _ = _train_setup(args, task, batch, devices=cpu)
+  shape_of = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+  batch_shapes = jax.tree_util.tree_map(shape_of, random_batches(config, 1, on_device=False)[0])
+  traced = step_fn.trace(jax.eval_shape(build, key), batch_shapes, shape_of(key))
+  return traced, IR50_GFLOP_PER_IMAGE_FORWARD * 3
+
+
+def count_flops(args, task: str, batch: int) -> dict:
+  """FLOPs of one step from XLA's cost analysis of its CPU lowering, on any host.
+
+  The timed runs call this too, so their FLOP fields equal ``--flops_only``'s.
+
+  Args:
+    args: the parsed flags (``model``, ``dtype``).
+    task: ``'aifr'``, ``'fas'`` or ``'infer'``.
+    batch: per-device batch.
+
+  Returns:
+    GFLOP per step and per image, where they came from (``flops_source``), the
+    dense convolution/matmul count of the same trace and the IR-50 reference.
+  """
+  from benchmarks import flop_count  # pylint: disable=g-import-not-at-top
+  try:
+    traced, reference = _trace_on_cpu(args, task, batch)
+  except RuntimeError as error:  # e.g. JAX_PLATFORMS excludes the CPU
+    return {"task": task, "batch": batch, "flops_per_step": 0.0, "xla_gflop_per_step": 0.0,
+            "flops_source": f"unavailable: {error}"[:300]}
+  lowered = traced.lower()
+  flops, source = _lowered_flops(lowered), "xla_cpu_cost_analysis"
+  if not flops:  # a JAX whose CPU lowering cannot be analysed: compile it (slow)
+    flops, source = flops_of(lowered.compile()), "xla_cpu_compiled_cost_analysis"
+  dense = flop_count.dense_flops(traced.jaxpr)
+  return {"task": task, "batch": batch, "flops_per_step": flops,
+          "xla_gflop_per_step": round(flops / 1e9, 3),
+          "xla_gflop_per_image": round(flops / batch / 1e9, 3),
+          "flops_source": source,
+          "dense_gflop_per_image": round(dense / batch / 1e9, 3),
+          "xla_vs_dense": round(flops / dense, 3) if dense else None,
+          "ir50_reference_gflop_per_image": reference,
+          "xla_vs_ir50_reference": round(flops / batch / 1e9 / reference, 3)}
 
 
 def measure_train(args, task: str, batch: int) -> dict:
@@ -206,8 +258,7 @@ def measure_train(args, task: str, batch: int) -> dict:
   batches = [jax.device_put(b, split) for b in random_batches(config, 2)]
   rng = jax.device_put(jax.random.PRNGKey(1), rep)
   start = time.perf_counter()
-  lowered = step_fn.lower(state, batches[0], rng)
-  compiled = lowered.compile()
+  compiled = step_fn.lower(state, batches[0], rng).compile()
   compile_s = time.perf_counter() - start
 
   def run_step(s, i):
@@ -216,9 +267,7 @@ def measure_train(args, task: str, batch: int) -> dict:
   for i in range(args.warmup):
     state = run_step(state, i)
   seconds, samples, state = time_steps(run_step, state, args.steps, args.repeats)
-  result = _report(task, batch, seconds, samples, flops_of(compiled) or _lowered_flops(lowered),
-                   training=True)
-  result["hlo_gflop_per_step"] = round(_lowered_flops(lowered) / 1e9, 1)
+  result = _report(seconds, samples, count_flops(args, task, batch), compiled)
   result["compile_s"] = round(compile_s, 1)
   result["step"] = int(state.step)
   result["artifacts"] = _save_artifacts(args, compiled, run_step, state, f"{task}{batch}")
@@ -253,8 +302,7 @@ def measure_inference(args, batch: int) -> dict:
   images = [jax.random.uniform(jax.random.PRNGKey(i), (batch, size, size, 3), jnp.float32, -1, 1)
             for i in range(2)]
   start = time.perf_counter()
-  lowered = embed.lower(variables, images[0])
-  compiled = lowered.compile()
+  compiled = embed.lower(variables, images[0]).compile()
   compile_s = time.perf_counter() - start
   # Chain a dependency through a scalar so steps are timed back to back.
   run_step = lambda carry, i: compiled(variables, images[i % 2])[0, 0] + carry
@@ -262,31 +310,38 @@ def measure_inference(args, batch: int) -> dict:
   for i in range(args.warmup):
     carry = run_step(carry, i)
   seconds, samples, _ = time_steps(run_step, carry, args.steps, args.repeats)
-  result = _report("infer", batch, seconds, samples, flops_of(compiled) or _lowered_flops(lowered),
-                   training=False)
-  result["hlo_gflop_per_step"] = round(_lowered_flops(lowered) / 1e9, 1)
+  result = _report(seconds, samples, count_flops(args, "infer", batch), compiled)
   result["compile_s"] = round(compile_s, 1)
   result["embeddings_per_s"] = result["images_per_s"]
   return result
 
 
-def _report(task, batch, seconds, samples, flops, training: bool) -> dict:
-  """Throughput, FLOP rate and MFU of one run."""
-  tflops = flops / seconds / 1e12 if flops else 0.0
-  # A training image costs ~3 forwards; a flip-summed embedding 2 forwards.
-  reference_gflop = IR50_GFLOP_PER_IMAGE_FORWARD * (3 if training else 2)
+def _report(seconds: float, samples: list, flops: dict, compiled) -> dict:
+  """Throughput, FLOP rate and MFU of one run.
+
+  Args:
+    seconds: median seconds per step.
+    samples: seconds per step of each timed block.
+    flops: :func:`count_flops` of the run (the CPU lowering's count).
+    compiled: the timed executable; its own cost analysis is kept only as
+      ``device_compiled_gflop_per_step``, which on a GPU misses the cuDNN
+      convolutions and so must not be used for MFU.
+
+  Returns:
+    The run's JSON fields.
+  """
+  step_flops = flops["flops_per_step"]
+  tflops = step_flops / seconds / 1e12
   return {
-      "task": task,
-      "batch": batch,
-      "images_per_s": round(batch / seconds, 1),
+      **flops,
+      "images_per_s": round(flops["batch"] / seconds, 1),
       "ms_per_step": round(seconds * 1e3, 3),
       "ms_per_step_samples": [round(s * 1e3, 3) for s in samples],
-      "xla_gflop_per_step": round(flops / 1e9, 1),
-      "xla_gflop_per_image": round(flops / batch / 1e9, 2),
-      "ir50_reference_gflop_per_image": reference_gflop,
-      "achieved_tflops": round(tflops, 1),
-      "mfu_vs_989_peak": round(tflops / H100_SXM_BF16_DENSE_TFLOPS, 4),
-      "mfu_vs_measured_798_matmul": round(tflops / MEASURED_BF16_MATMUL_TFLOPS, 4),
+      "achieved_tflops": round(tflops, 1) if step_flops else None,
+      "mfu_vs_989_peak": round(tflops / H100_SXM_BF16_DENSE_TFLOPS, 4) if step_flops else None,
+      "mfu_vs_measured_798_matmul": (round(tflops / MEASURED_BF16_MATMUL_TFLOPS, 4)
+                                     if step_flops else None),
+      "device_compiled_gflop_per_step": round(flops_of(compiled) / 1e9, 1),
       "peak_gib_in_use": _peak_gib(),
   }
 
