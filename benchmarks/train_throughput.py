@@ -156,7 +156,7 @@ def _train_setup(args, task: str, batch: int, devices=None):
     ``(config, step_fn, build, replicated, batch_sharded)``.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from mtlface_jax.models import mtlface  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.models import spec as spec_lib  # pylint: disable=g-import-not-at-top
   from mtlface_jax.training import optim  # pylint: disable=g-import-not-at-top
   from mtlface_jax.training import sharding  # pylint: disable=g-import-not-at-top
   from mtlface_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
@@ -164,7 +164,7 @@ def _train_setup(args, task: str, batch: int, devices=None):
 
   config = build_config(task, batch, args.model, args.dtype)
   mesh = sharding.make_mesh(devices or jax.local_devices()[:1])
-  models = mtlface.build_models(config)
+  models = spec_lib.build_from_config(config)
   txs = optim.optimizers_from_config(config)
   rep, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
@@ -275,18 +275,17 @@ def measure_train(args, task: str, batch: int) -> dict:
 
 
 def _inference_fns(config):
-  """(jitted flip-summed embed(variables, images), variables initialiser)."""
+  """(jitted flip-averaged embed(variables, images), variables initialiser)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mtlface_jax.evaluation import report  # pylint: disable=g-import-not-at-top
-  from mtlface_jax.models import mtlface  # pylint: disable=g-import-not-at-top
-  encoder = mtlface.build_models(config).encoder
+  from mtlface_jax import predict  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.models import spec as spec_lib  # pylint: disable=g-import-not-at-top
+  encoder = spec_lib.build_from_config(config).encoder
   size = config.image_size
 
   @jax.jit
   def embed(variables, images):
-    single = lambda x: encoder.apply(variables, x, train=False).embedding.astype(jnp.float32)
-    return report.flip_sum_embeddings(single, images)
+    return predict.embed(encoder, variables, images)
 
   return embed, lambda rng: encoder.init(rng, jnp.zeros((1, size, size, 3)))
 

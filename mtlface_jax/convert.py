@@ -48,6 +48,7 @@ from mtlface_jax.models import generator
 from mtlface_jax.models import heads
 from mtlface_jax.models import icm
 from mtlface_jax.models import iresnet
+from mtlface_jax.models import spec as spec_lib
 
 LAYOUTS = ("cvpr", "tpami")
 CVPR_MODULES = ("encoder", "head", "age", "da_age", "generator", "discriminator")
@@ -65,7 +66,6 @@ TPAMI_UNSUPPORTED_PREFIXES = ("decoder.", "encoder.styles.", "encoder.upsample",
 TPAMI_AGING_NOTE = ("NOT SUPPORTED YET: face age synthesis with the released TPAMI model needs "
                     "its StyleGAN2 decoder, which is not converted; only recognition and age "
                     "estimation are available from this checkpoint")
-BACKBONE_NAMES = {34: "ir34", 50: "ir50", 64: "ir64", 101: "ir101"}
 
 
 class ConversionError(ValueError):
@@ -303,11 +303,8 @@ def _router_constants(num_groups: int, num_blocks: int = 4) -> dict[str, np.ndar
 
 def encoder_spec(num_layers: int, released: bool, prefix: str = "") -> ModuleSpec:
   """The encoder: CVPR (attention v1) or the released TPAMI recognition path (v2)."""
-  if released:
-    module = iresnet.Encoder(num_layers, attention_version=2, dropout_rate=0.4,
-                             normalize_embedding=True)
-  else:
-    module = iresnet.Encoder(num_layers, attention_version=1, dropout_rate=0.5)
+  family = "tpami" if released else "cvpr"
+  module = spec_lib.build(spec_lib.reference_spec(family, num_layers)).encoder
   return ModuleSpec("encoder", module, (_abstract(1, 112, 112, 3),),
                     tuple(tm.encoder_entries(num_layers)), prefix=prefix)
 
@@ -538,6 +535,7 @@ def convert_cvpr(state_dicts: Mapping[str, Mapping[str, np.ndarray]],
   report, variables = ConversionReport(), {}
   meta = {"converted_from": "pytorch", "layout": "cvpr", "age_group": num_groups,
           "modules": sorted(state_dicts), "sources": sources}
+  encoder = None
   for name, state_dict in state_dicts.items():
     spec = _cvpr_spec(name, state_dict, num_layers, num_groups)
     converted = convert_module(state_dict, spec, report, sources.get(name, name))
@@ -545,17 +543,19 @@ def convert_cvpr(state_dicts: Mapping[str, Mapping[str, np.ndarray]],
     if converted is not None:
       variables[name] = converted
     if name == "encoder":
-      meta.update(_encoder_meta(spec.module))
+      encoder = spec.module
     if name == "head":
       meta["num_classes"] = spec.module.num_classes
   _finish(report, allow_unexpected)
+  meta.update(_model_meta("cvpr", encoder, num_groups, meta.get("num_classes")))
   return Conversion(variables, meta, report)
 
 
-def _encoder_meta(encoder) -> dict:
-  return {"backbone": BACKBONE_NAMES[encoder.num_layers], "num_layers": encoder.num_layers,
-          "attention_version": encoder.attention_version, "dropout_rate": encoder.dropout_rate,
-          "normalize_embedding": encoder.normalize_embedding}
+def _model_meta(family: str, encoder, num_groups: int, num_classes: Optional[int]) -> dict:
+  """The ``model`` entry of a conversion's meta: the spec every reader rebuilds from."""
+  spec = spec_lib.reference_spec(family, encoder.num_layers if encoder else 50, num_groups,
+                                 num_classes)
+  return {"model": spec.to_dict()}
 
 
 def convert_tpami(state_dict: Mapping[str, np.ndarray], source: str = "",
@@ -593,7 +593,8 @@ def convert_tpami(state_dict: Mapping[str, np.ndarray], source: str = "",
   _finish(report, allow_unexpected)
   meta = {"converted_from": "pytorch", "layout": "tpami", "age_group": num_groups,
           "modules": sorted(variables), "sources": {"model": source},
-          "unsupported": _prefix_counts(report.unsupported), **_encoder_meta(specs[0].module)}
+          "unsupported": _prefix_counts(report.unsupported),
+          **_model_meta("tpami", specs[0].module, num_groups, None)}
   return Conversion(variables, meta, report)
 
 
@@ -684,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a PyTorch file (repeat for cvpr modules; MODULE one of "
                       f"{', '.join(CVPR_MODULES)}; inferred from the file name or keys)")
   parser.add_argument("--output", required=True, help="new checkpoint directory")
-  parser.add_argument("--backbone", choices=["auto", *BACKBONE_NAMES.values()], default="auto",
+  parser.add_argument("--backbone", choices=["auto", *spec_lib.BACKBONES], default="auto",
                       help="cvpr backbone depth (default: inferred from the keys)")
   parser.add_argument("--age-groups", type=int, default=None,
                       help="age groups (default: inferred from the tensors)")
@@ -705,7 +706,7 @@ def run(args: argparse.Namespace) -> Conversion:
                                args.allow_unexpected)
   else:
     state_dicts, sources = read_cvpr_inputs(args.input, args.reader)
-    num_layers = None if args.backbone == "auto" else int(args.backbone[2:])
+    num_layers = None if args.backbone == "auto" else spec_lib.BACKBONES[args.backbone]
     conversion = convert_cvpr(state_dicts, num_layers, args.age_groups, sources,
                               args.allow_unexpected)
   save_conversion(conversion, args.output)

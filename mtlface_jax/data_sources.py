@@ -68,7 +68,17 @@ def real_data_source(config) -> input_pipeline.Source:
     raise ValueError(f"{config.data.shards_dir} has {shards.num_classes} training identities "
                      f"but config.model.num_classes is {config.model.num_classes}; pass "
                      f"--config.model.num_classes={shards.num_classes}")
-  return shards.train_source()
+  return shard_train_source(shards)
+
+
+def shard_train_source(shards) -> input_pipeline.Source:
+  """The training split of a ``real_data.ShardSet`` as a Source of encoded faces."""
+  train = shards.select(split="train")
+  source = input_pipeline.Source(ids=shards.ids[train], ages=shards.ages[train],
+                                 genders=shards.genders[train], encoded=shards.encoded(train),
+                                 names=shards.names[train])
+  source.report.num_ok = len(source)
+  return source
 
 
 def train_batches(config, start_step: int) -> Iterator[dict]:

@@ -363,23 +363,6 @@ class ShardSet:
     return np.stack([images_lib.decode_image_bytes(data, self.names[i])
                      for i, data in zip(indices, self.encoded(indices))])
 
-  def train_source(self):
-    """The training split as an ``input_pipeline.Source`` of encoded faces."""
-    from mtlface_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-    train = self.select(split="train")
-    source = input_pipeline.Source(ids=self.ids[train], ages=self.ages[train],
-                                   genders=self.genders[train], encoded=self.encoded(train),
-                                   names=self.names[train])
-    source.report.num_ok = len(source)
-    return source
-
-  def face_set(self, name: str, indices: Sequence[int]):
-    """An evaluation ``FaceSet`` of the faces at ``indices`` (decoded)."""
-    from mtlface_jax.evaluation import datasets  # pylint: disable=g-import-not-at-top
-    indices = np.asarray(indices, np.int64)
-    return datasets.FaceSet(name, f"{self.root} ({name})", self.ids[indices], self.ages[indices],
-                            images=self.images(indices))
-
   def heldout_pairs(self) -> dict[str, np.ndarray]:
     """LFW's pairs of folds 6-10 as face indices: index1, index2, issame, fold."""
     pairs = self.manifest["lfw_pairs"]

@@ -13,7 +13,7 @@ import pytest
 from mtlface_jax import convert
 from mtlface_jax import torch_mapping as tm
 from mtlface_jax.models import icm
-from mtlface_jax.training import checkpoint
+from mtlface_jax import checkpoint_io
 
 GROUPS = 7
 
@@ -157,12 +157,9 @@ def test_saved_checkpoint_restores(small_modules, tmp_path):
   _, state_dicts = small_modules
   conversion = convert.convert_cvpr(state_dicts)
   output = convert.save_conversion(conversion, tmp_path / "converted")
-  saver = checkpoint.Checkpointer(output, async_save=False)
-  try:
-    assert_trees_equal(saver.restore_raw()["variables"], conversion.variables)
-    assert saver.restore_meta()["num_classes"] == 11
-  finally:
-    saver.close()
+  state, meta, _ = checkpoint_io.restore_state(output)
+  assert_trees_equal(state["variables"], conversion.variables)
+  assert checkpoint_io.read_meta(output)[0]["num_classes"] == 11 == meta["num_classes"]
   with pytest.raises(FileExistsError):
     convert.save_conversion(conversion, output)
 
@@ -250,9 +247,5 @@ def test_cli_converts_and_reports(torch_module, tmp_path, capsys):
                          "--output", str(output), "--reader", "zip"])
   assert status == 0
   assert "converted head: 1 tensors" in capsys.readouterr().out
-  saver = checkpoint.Checkpointer(output, async_save=False)
-  try:
-    kernel = saver.restore_raw()["variables"]["head"]["params"]["kernel"]
-  finally:
-    saver.close()
+  kernel = checkpoint_io.restore_state(output)[0]["variables"]["head"]["params"]["kernel"]
   np.testing.assert_array_equal(np.asarray(kernel), head.weight.detach().numpy().T)

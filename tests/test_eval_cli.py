@@ -1,4 +1,4 @@
-"""eval.py and its library glue (loading, inference, protocols, CLI) end to end.
+"""eval.py and its library glue (predict.load, runner, protocols, CLI) end to end.
 
 One tiny untrained checkpoint is built per module and shared: XLA CPU compiles
 dominate the run time, and every test below uses the same batch size so the
@@ -21,17 +21,17 @@ from PIL import Image
 import pytest
 
 from configs import tiny
+from mtlface_jax import predict
 from mtlface_jax import synthetic
 from mtlface_jax.evaluation import cli
 from mtlface_jax.evaluation import datasets
-from mtlface_jax.evaluation import inference
-from mtlface_jax.evaluation import loading
-from mtlface_jax.evaluation import protocols
+from mtlface_jax.evaluation import runner
 from mtlface_jax.evaluation import report as report_lib
 from mtlface_jax.formats import binset
 from mtlface_jax.formats import images as images_lib
 from mtlface_jax.formats import lists
-from mtlface_jax.models import mtlface
+from mtlface_jax.models import spec as spec_lib
+from mtlface_jax.recipes import heldout
 from mtlface_jax.training import checkpoint as checkpoint_lib
 from mtlface_jax.training import optim
 from mtlface_jax.training import sharding
@@ -53,7 +53,7 @@ def tiny_config():
 
 def write_untrained_checkpoint(config, workdir: Path) -> Path:
   """Saves a freshly initialised state like ``training.loop`` saves it."""
-  models = mtlface.build_models(config)
+  models = spec_lib.build_from_config(config)
   # Replicated over all (4 test) devices, as the loop's state is.
   mesh = sharding.make_mesh()
   variables = jax.jit(lambda rng: state_lib.init_variables(models, config, rng),
@@ -73,8 +73,8 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def loaded(workdir) -> loading.LoadedModel:
-  return loading.load_model(workdir)
+def loaded(workdir) -> predict.LoadedModel:
+  return predict.load(workdir)
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +102,8 @@ def test_load_training_checkpoint(loaded, workdir):
   assert models.encoder.units == (1, 1, 1, 1) and info["dtype"] == "float32"
   assert isinstance(jax.tree_util.tree_leaves(variables)[0], np.ndarray)
   # Both a workdir and its checkpoints/ folder are accepted.
-  again = loading.load_model(workdir / "checkpoints", dtype="bfloat16", validate=False)
-  assert again.models.encoder.dtype == mtlface.compute_dtype("bfloat16")
+  again = predict.load(workdir / "checkpoints", dtype="bfloat16", validate=False)
+  assert again.models.encoder.dtype == spec_lib.compute_dtype("bfloat16")
 
 
 def test_check_variables_names_a_misshaped_parameter(loaded):
@@ -111,7 +111,7 @@ def test_check_variables_names_a_misshaped_parameter(loaded):
   kernel = variables["encoder"]["params"]["output_layer"]["fc"]["kernel"]
   variables["encoder"]["params"]["output_layer"]["fc"]["kernel"] = kernel[:-1]
   with pytest.raises(ValueError, match=r"encoder/params/output_layer/fc/kernel has shape"):
-    loading.check_variables(loaded._replace(variables=variables))
+    predict.check_variables(loaded._replace(variables=variables))
 
 
 def test_converted_checkpoint_meta(tmp_path, loaded):
@@ -123,7 +123,7 @@ def test_converted_checkpoint_meta(tmp_path, loaded):
   saver.save(0, {"variables": {"age": loaded.variables["age"]}}, meta)
   saver.wait()
   saver.close()
-  converted = loading.load_model(tmp_path, validate=False)
+  converted = predict.load(tmp_path, validate=False)
   encoder = converted.models.encoder
   assert (encoder.num_layers, encoder.attention_version, encoder.normalize_embedding) == (
       50, 2, True)
@@ -132,17 +132,17 @@ def test_converted_checkpoint_meta(tmp_path, loaded):
   assert converted.info["layout"] == "tpami" and converted.info["modules"] == ["age"]
   # Validation compares with the reference-size estimator (7x7x512 features).
   with pytest.raises(ValueError, match=r"age/\S+ has shape"):
-    loading.check_variables(converted)
+    predict.check_variables(converted)
   with pytest.raises(ValueError, match=r"needs module\(s\) \['encoder'\]"):
-    loading.require_modules(converted, ("encoder", "age"), "age estimation")
+    predict.require_modules(converted, ("encoder", "age"), "age estimation")
 
 
 def test_missing_checkpoint_and_missing_generator(tmp_path, loaded):
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    loading.load_model(tmp_path)
+    predict.load(tmp_path)
   no_generator = loaded._replace(variables={k: v for k, v in loaded.variables.items()
                                             if k != "generator"})
-  model = inference.ModelRunner(no_generator, batch_size=BATCH, progress=False)
+  model = runner.ModelRunner(no_generator, batch_size=BATCH, progress=False)
   with pytest.raises(ValueError, match=r"face age synthesis needs module\(s\) \['generator'\]"):
     model.synthesize(np.zeros((1, 48, 48, 3), np.float32))
 
@@ -194,9 +194,8 @@ def test_lists_without_folds_get_contiguous_folds():
 
 def test_evaluate_synthetic_in_process_and_from_path(loaded, workdir, data, tmp_path):
   config = tiny_config()
-  models = mtlface.build_models(config)
-  report = protocols.evaluate_synthetic(models, loaded.variables, config, data=data,
-                                        output_dir=tmp_path / "mem", batch_size=BATCH,
+  report = heldout.evaluate_synthetic(None, loaded.variables, config, data=data,
+                                      output_dir=tmp_path / "mem", batch_size=BATCH,
                                         num_fas_inputs=3, grid_rows=2)
   summary = report["summary"]
   assert 0.0 <= summary["verification_accuracy"] <= 1.0
@@ -212,7 +211,7 @@ def test_evaluate_synthetic_in_process_and_from_path(loaded, workdir, data, tmp_
   assert on_disk["summary"] == summary
   assert (tmp_path / "mem" / "roc.png").is_file()
   # The path variant loads the same variables: the same numbers.
-  from_path = protocols.evaluate_synthetic(str(workdir), data=data,
+  from_path = heldout.evaluate_synthetic(str(workdir), data=data,
                                            output_dir=tmp_path / "path", batch_size=BATCH,
                                            num_fas_inputs=0)
   assert from_path["summary"]["verification_accuracy"] == summary["verification_accuracy"]
@@ -305,11 +304,10 @@ def test_bad_inputs_name_the_entry(workdir, tmp_path, data):
 
 
 def test_bfloat16_embeddings_agree_with_float32(loaded, workdir, data):
-  half = inference.ModelRunner(loading.load_model(workdir, dtype="bfloat16"), BATCH,
-                               progress=False)
-  full = inference.ModelRunner(loaded, BATCH, progress=False)
+  half = runner.ModelRunner(predict.load(workdir, dtype="bfloat16"), BATCH, progress=False)
+  full = runner.ModelRunner(loaded, BATCH, progress=False)
   assert full.num_devices == len(jax.devices())
-  faces = np.stack(list(inference.array_faces(data.test.images[:4], 48)))
+  faces = np.stack(list(datasets.array_faces(data.test.images[:4], 48)))
   a, b = full.embed(faces), half.embed(faces)
   cosine = np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
   assert a.shape == b.shape and np.all(cosine > 0.98)

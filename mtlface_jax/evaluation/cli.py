@@ -16,11 +16,12 @@ from typing import Any, Optional
 from absl import flags
 from absl import logging
 
+from mtlface_jax import predict
 from mtlface_jax import synthetic
 from mtlface_jax.evaluation import datasets
-from mtlface_jax.evaluation import inference
-from mtlface_jax.evaluation import loading
 from mtlface_jax.evaluation import protocols
+from mtlface_jax.evaluation import report as report_lib
+from mtlface_jax.evaluation import runner
 
 PROTOCOLS = ("verification", "identification", "age", "fas")
 
@@ -79,7 +80,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("output_dir", "eval_output", "Where report.json/report.txt/roc.png "
                       "and FAS grids are written.", **d)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", **d)
-  flags.DEFINE_enum("dtype", "float32", loading.DTYPES, "Compute dtype of the encoder and "
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the encoder and "
                     "generator (parameters stay float32).", **d)
   flags.DEFINE_integer("batch_size", 64, "Images per device call (rounded up to a multiple "
                        "of the device count).", **d)
@@ -141,7 +142,7 @@ def _define_protocol_flags(d: dict) -> None:
   flags.DEFINE_integer("max_images", 0, "Evaluate at most N faces per set, evenly spaced "
                        "(identification/age). 0 = all.", **d)
   flags.DEFINE_float("cs_years", 5.0, "Tolerance of the age cumulative score CS(n).", **d)
-  flags.DEFINE_enum("group_from", "head", inference.GROUP_SOURCES, "Estimated age group: "
+  flags.DEFINE_enum("group_from", "head", runner.GROUP_SOURCES, "Estimated age group: "
                     "the estimator's group head, or the group of the expected age.", **d)
   flags.DEFINE_integer("num_inputs", 64, "FAS: faces synthesized into every group (evenly "
                        "spaced over the source). 0 = all.", **d)
@@ -178,14 +179,14 @@ def run(options: EvalOptions) -> dict[str, Any]:
   if options.protocol not in PROTOCOLS:
     raise ValueError(f"protocol must be one of {PROTOCOLS}, got {options.protocol!r}")
   check_paths(options)
-  loaded = loading.load_model(options.checkpoint, options.dtype, options.step)
-  model = inference.ModelRunner(loaded, batch_size=options.batch_size, flip=options.flip,
+  loaded = predict.load(options.checkpoint, options.dtype, options.step)
+  model = runner.ModelRunner(loaded, batch_size=options.batch_size, flip=options.flip,
                                 progress=options.progress)
-  report = protocols.new_report(options.protocol, loaded.info, dataclasses.asdict(options))
+  report = report_lib.new_report(options.protocol, loaded.info, dataclasses.asdict(options))
   evaluate = {"verification": _verification, "identification": _identification,
               "age": _age, "fas": _fas}[options.protocol]
   evaluate(options, model, report, _SyntheticCache(options))
-  protocols.write_report(report, options.output_dir)
+  report_lib.write_report(report, options.output_dir)
   return report
 
 
@@ -239,13 +240,13 @@ def _verification(options: EvalOptions, model, report: dict, data: _SyntheticCac
   for path in options.bins:
     folds = datasets.resolve_eval_folds(ordinals, range(options.num_folds))
     result = protocols.verify_bin(model, path, options.num_folds, folds)
-    protocols.add_result(report, "verification", Path(path).stem, result,
+    report_lib.add_result(report, "verification", Path(path).stem, result,
                          {"source": path, "num_pairs": result.num_pairs})
   if options.synthetic:
     pairs = data.get().pairs
     folds = datasets.resolve_eval_folds(ordinals, pairs[:, 3])
     result = protocols.verify_synthetic(model, data.get(), folds, options.max_pairs_per_fold)
-    protocols.add_result(report, "verification", "synthetic", result,
+    report_lib.add_result(report, "verification", "synthetic", result,
                          {"source": "synthetic test pairs", "num_pairs": result.num_pairs})
   _require_results(report, "verification", "--pairs, --pair_list, --bin or --synthetic")
 
@@ -266,7 +267,7 @@ def _pair_list(options, model, report, path, pair_format, root, ordinals) -> Non
   folds = datasets.resolve_eval_folds(ordinals, datasets.pair_fold_labels(pairs))
   name = Path(path).parent.name if pair_format == "lfw" else Path(path).stem
   result = protocols.verify_pairs(model, pairs, options.lfw_crop, folds)
-  protocols.add_result(report, "verification", name or "pairs", result, {
+  report_lib.add_result(report, "verification", name or "pairs", result, {
       "source": str(path), "images_root": root, "num_pairs_listed": listed,
       "num_pairs": result.num_pairs, "num_skipped": parsed.num_skipped,
       "skipped": [{"entry": w, "reason": r} for w, r in parsed.skipped[:20]]})
@@ -279,7 +280,7 @@ def _identification(options: EvalOptions, model, report: dict, data: _SyntheticC
     gallery = _labelled_set(options, options.gallery).spread(options.max_images)
     probe = _labelled_set(options, options.probe).spread(options.max_images)
     result = protocols.identify_gallery_probe(model, gallery, probe)
-    protocols.add_result(report, "identification", f"{gallery.name}->{probe.name}", result,
+    report_lib.add_result(report, "identification", f"{gallery.name}->{probe.name}", result,
                          {"gallery": gallery.summary(), "probe": probe.summary()})
   sets = []
   if options.folder:
@@ -289,7 +290,7 @@ def _identification(options: EvalOptions, model, report: dict, data: _SyntheticC
   for faces in sets:
     faces = faces.spread(options.max_images)
     result = protocols.identify_leave_one_out(model, faces)
-    protocols.add_result(report, "identification", faces.name, result, faces.summary())
+    report_lib.add_result(report, "identification", faces.name, result, faces.summary())
   _require_results(report, "identification", "--gallery/--probe, --folder or --synthetic")
 
 
@@ -297,7 +298,7 @@ def _age(options: EvalOptions, model, report: dict, data: _SyntheticCache) -> No
   for faces in _face_sets(options, data, "utkface", ("utkface", "fgnet")):
     faces = faces.spread(options.max_images)
     result = protocols.estimate_age(model, faces, options.group_from, options.cs_years)
-    protocols.add_result(report, "age", faces.name, result, faces.summary())
+    report_lib.add_result(report, "age", faces.name, result, faces.summary())
   _require_results(report, "age", "--folder, --list or --synthetic")
 
 
@@ -309,8 +310,8 @@ def _fas(options: EvalOptions, model, report: dict, data: _SyntheticCache) -> No
     outcome = protocols.face_age_synthesis(model, faces, age_model, id_model,
                                            options.output_dir, options.group_from,
                                            options.grid_rows, options.grid_faces)
-    protocols.add_result(report, "fas", faces.name,
-                         protocols.fas_entry(outcome, age_name, id_name, options.group_from),
+    report_lib.add_result(report, "fas", faces.name,
+                         report_lib.fas_entry(outcome, age_name, id_name, options.group_from),
                          faces.summary())
   _require_results(report, "fas", "--folder, --list or --synthetic")
 
@@ -319,8 +320,8 @@ def _helper_model(options: EvalOptions, path: str, default):
   """(runner, description) of a separately given checkpoint, or the default."""
   if not path:
     return default, "checkpoint"
-  loaded = loading.load_model(path, options.dtype)
-  return (inference.ModelRunner(loaded, batch_size=options.batch_size, flip=options.flip,
+  loaded = predict.load(path, options.dtype)
+  return (runner.ModelRunner(loaded, batch_size=options.batch_size, flip=options.flip,
                                 progress=False), loaded.info["checkpoint"])
 
 
@@ -373,7 +374,7 @@ def main(argv) -> int:
   except (ValueError, FileNotFoundError) as error:  # Includes ImageDecodeError.
     print(f"eval.py: error: {error}", file=sys.stderr)
     return 1
-  print(protocols.report_text(report))
+  print(report_lib.report_text(report))
   for kind, path in report["files"].items():
     print(f"wrote {kind}: {path}")
   for entry in (report.get("fas") or {}).values():

@@ -1,4 +1,4 @@
-"""Evaluation inputs: labelled face sets, pair lists and fold selections.
+"""Evaluation inputs: faces to model inputs, labelled face sets, pair lists, folds.
 
 A :class:`FaceSet` is a list of faces (image files or in-memory uint8 images)
 with identity and age labels, built from the formats of
@@ -12,18 +12,72 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from mtlface_jax.evaluation import inference
 from mtlface_jax.evaluation import verification
+from mtlface_jax.formats import images as images_lib
 from mtlface_jax.formats import lists
 from mtlface_jax.formats import report as report_lib
 
 FOLDER_FORMATS = ("utkface", "fgnet", "identity", "images")
 PAIR_FORMATS = ("lfw", "generic", "numbered")
 
+
+# --- faces -> model inputs ------------------------------------------------------
+
+def to_model_input(image: np.ndarray) -> np.ndarray:
+  """RGB uint8 [H, W, 3] -> float32 in [-1, 1], as the batch contract scales."""
+  return (np.asarray(image, np.float32) / 255.0 - 0.5) / 0.5
+
+
+def load_face(path, lfw_style: bool = False,
+              image_size: int = images_lib.FACE_SIZE) -> np.ndarray:
+  """Decodes an image file to a model input: float32 [S, S, 3] in [-1, 1].
+
+  Args:
+    path: image file.
+    lfw_style: apply the fixed LFW crop instead of a plain resize.
+    image_size: side S of the model's input; the 112x112 face is resized to
+      it (e.g. 48 for the tiny test models).
+
+  Returns:
+    The scaled face.
+
+  Raises:
+    ImageDecodeError: naming the file, if it is missing or corrupt.
+  """
+  face = images_lib.to_face(images_lib.load_image(path), lfw_style)
+  return to_model_input(images_lib.resize_image(face, image_size))
+
+
+def array_faces(images: Iterable[np.ndarray], image_size: int) -> Iterator[np.ndarray]:
+  """uint8 [H, W, 3] faces (already aligned) -> model inputs at ``image_size``.
+
+  Args:
+    images: e.g. a synthetic split's ``images`` array (112x112 faces).
+    image_size: the model's input side.
+
+  Yields:
+    float32 [image_size, image_size, 3] in [-1, 1].
+  """
+  for image in images:
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+      raise ValueError(f"expected uint8 [H, W, 3] faces, got {image.dtype} {image.shape}")
+    yield to_model_input(images_lib.resize_image(image, image_size))
+
+
+def file_faces(paths: Iterable[str], image_size: int,
+               lfw_style: bool = False) -> Iterator[np.ndarray]:
+  """Decodes image files lazily into model inputs (see :func:`load_face`)."""
+  for path in paths:
+    yield load_face(path, lfw_style, image_size)
+
+
+
+# --- face sets ------------------------------------------------------------------
 
 @dataclasses.dataclass
 class FaceSet:
@@ -67,8 +121,8 @@ class FaceSet:
   def faces(self, image_size: int) -> Iterator[np.ndarray]:
     """Model inputs (float32 [S, S, 3] in [-1, 1]), decoded lazily."""
     if self.paths is not None:
-      return inference.file_faces(self.paths, image_size, self.lfw_style)
-    return inference.array_faces(self.images, image_size)
+      return file_faces(self.paths, image_size, self.lfw_style)
+    return array_faces(self.images, image_size)
 
   def subset(self, indices: Sequence[int]) -> "FaceSet":
     """The faces at ``indices`` (same name, source and report)."""
@@ -295,3 +349,55 @@ def with_contiguous_folds(pairs: Sequence[lists.FacePair],
 def pair_fold_labels(pairs: Sequence[lists.FacePair]) -> list[int]:
   """The distinct fold labels of parsed pairs, ascending."""
   return sorted({p.fold for p in pairs})
+
+
+def shard_face_set(shards, name: str, indices: Sequence[int]) -> FaceSet:
+  """A :class:`FaceSet` of the faces at ``indices`` of a ``real_data.ShardSet`` (decoded)."""
+  indices = np.asarray(indices, np.int64)
+  return FaceSet(name, f"{shards.root} ({name})", shards.ids[indices], shards.ages[indices],
+                 images=shards.images(indices))
+
+
+# --- pair lists ----------------------------------------------------------------
+
+def pair_folds(pairs: Sequence[lists.FacePair]) -> Optional[np.ndarray]:
+  """Fold labels of parsed pairs, or None when the list defines none.
+
+  Args:
+    pairs: parsed pairs; ``fold == -1`` means "no fold given".
+
+  Returns:
+    int64 [N] labels, or None if every pair has -1 (contiguous folds are then
+    used by the protocol).
+
+  Raises:
+    ValueError: if only some pairs have a fold (naming the first without).
+  """
+  folds = np.asarray([p.fold for p in pairs], np.int64)
+  if (folds < 0).all():
+    return None
+  if (folds < 0).any():
+    first = pairs[int(np.argmax(folds < 0))]
+    raise ValueError(f"{first.source}: pair has no fold while others do; give "
+                     "every pair a fold or none")
+  return folds
+
+
+def check_pair_files(pairs: Sequence[lists.FacePair]) -> None:
+  """Fails before any compute if an image of the pair list is missing.
+
+  Args:
+    pairs: parsed pairs.
+
+  Raises:
+    FileNotFoundError: naming the count and the first missing files with the
+      list lines that reference them.
+  """
+  missing = []
+  for pair in pairs:
+    missing += [(path, pair.source) for path in (pair.path1, pair.path2)
+                if not os.path.isfile(path)]
+  if missing:
+    listed = "; ".join(f"{path} (pair at {source})" for path, source in missing[:5])
+    raise FileNotFoundError(f"{len(missing)} image file(s) of the pair list are "
+                            f"missing: {listed}")

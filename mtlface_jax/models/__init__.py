@@ -9,6 +9,7 @@ One file per component:
   generator.py      ICM + decoder (the reference's AgingModule)
   discriminator.py  spectral-norm patch discriminator
   layers.py         BatchNorm/PReLU with PyTorch semantics, pooling, GRL, upsampling
+  spec.py           which model a checkpoint holds: ModelSpec, build, initialisers
 """
 
 from mtlface_jax.models.attention import AttentionDecomposition
@@ -17,12 +18,12 @@ from mtlface_jax.models.discriminator import PatchDiscriminator
 from mtlface_jax.models.generator import Generator
 from mtlface_jax.models.heads import AgeEstimator, AgeOutputs, CosFace, EmbeddingHead, expected_age, l2_normalize
 from mtlface_jax.models.icm import IdentityConditionalModule, router_mask
-from mtlface_jax.models.iresnet import Encoder, EncoderOutputs, IResNet, encoder_for
+from mtlface_jax.models.iresnet import Encoder, EncoderOutputs, IResNet
 from mtlface_jax.models.layers import gradient_reversal
 
 __all__ = [
     "AgeEstimator", "AgeOutputs", "AttentionDecomposition", "CosFace", "Decoder", "EmbeddingHead",
     "Encoder", "EncoderOutputs", "Generator", "IResNet", "IdentityConditionalModule",
-    "PatchDiscriminator", "encoder_for", "expected_age", "gradient_reversal", "l2_normalize",
+    "PatchDiscriminator", "expected_age", "gradient_reversal", "l2_normalize",
     "router_mask",
 ]

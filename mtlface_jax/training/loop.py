@@ -15,9 +15,9 @@ from typing import Callable, Iterator, Optional
 import jax
 import numpy as np
 
-from mtlface_jax import inference
-from mtlface_jax import synthesis
-from mtlface_jax.models import mtlface
+from mtlface_jax import checkpoint_io
+from mtlface_jax import predict
+from mtlface_jax.models import spec as spec_lib
 from mtlface_jax.training import checkpoint as checkpoint_lib
 from mtlface_jax.training import optim
 from mtlface_jax.training import sharding
@@ -54,7 +54,7 @@ def load_pretrained(state: state_lib.TrainState, path: str, mesh) -> state_lib.T
   modules present in both runs are taken; optimizer states start fresh.
   """
   # Only the variables are read: the AIFR run's optimizer states stay on disk.
-  source, _, _ = inference.restore_variables(checkpoint_lib.checkpoint_dir(path))
+  source, _, _ = checkpoint_io.restore_variables(path)
   variables = dict(state.variables)
   taken = []
   for name in variables:
@@ -89,9 +89,9 @@ def _sigterm_flag():
 
 def _write_grid(writer, models, state, config, images, step):
   """Logs an age-progression grid of the fixed preview images."""
-  fn = synthesis.jitted_all_groups(models, config.age_group)
+  fn = predict.jitted_all_groups(models, config.age_group)
   synthesized = fn(state.variables, images)
-  grid = synthesis.progression_grid(np.asarray(images), np.asarray(synthesized))
+  grid = predict.progression_grid(np.asarray(images), np.asarray(synthesized))
   writer.write_image(step, "fas/age_progression", grid,
                      writer.workdir / "images" / f"progression_{step:07d}.png")
 
@@ -121,7 +121,7 @@ def train(config, workdir: str | Path, batches_fn: Optional[BatchesFn] = None,
   workdir = Path(workdir)
   mesh = sharding.make_mesh(devices)
   sharding.check_batch_divisible(config.batch_size, mesh)
-  models = mtlface.build_models(config)
+  models = spec_lib.build_from_config(config)
   txs = optim.optimizers_from_config(config)
   state = create_state(config, models, mesh, txs)
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
