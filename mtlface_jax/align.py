@@ -595,7 +595,8 @@ def make_detector(name: str) -> Callable[[np.ndarray], Landmarks]:
       return backend()
     except ImportError as e:
       errors.append(str(e))
-  raise ImportError("no face detector is installed; pass --landmarks FILE or "
+  raise ImportError("no face detector is installed; pass --landmarks FILE, "
+                    "--landmarks-dir PTS_DIR or "
                     "install one: " + "; ".join(errors))
 
 

@@ -138,11 +138,12 @@ def leave_one_person_out_identification(embeddings,
 
   The set is cut into one fold per person. In fold ``p`` the test images are
   person ``p``'s, and whatever is learned from the data sees only the OTHER
-  persons (in the AIFR literature on FG-NET, e.g. Park et al. TPAMI 2010 and
+  persons (in the AIFR literature on FG-NET, e.g. Li et al. TIFS 2011 and
   Gong et al. ICCV 2013, that is the whole model, trained on the other 81
   persons). Each test image is then a probe ranked against every other image
   of the set: the other persons' images (impostors) and ``p``'s remaining
-  images (its matches).
+  images (its matches). A model trained on other data (MTLFace on CASIA or
+  SCAF) already never saw the FG-NET persons.
 
   Here the embedding model is fixed, so what a fold can learn is ``fit``: a
   projection, whitening, mean-centring... fitted on the other persons'
