@@ -283,3 +283,55 @@ def test_training_config_list_uses_the_shared_range(tmp_path):
                "image_root": str(tmp_path), "skip_bad_examples": False}})
   source = data_sources.train_source(config)
   np.testing.assert_array_equal(source.ages, [105.0, 30.0])
+
+
+# ------------------------------------------------- crops and image shapes
+
+
+def test_parse_crop_and_presets():
+  assert images.parse_crop("40, 60,210,230") == images.CropBox(40, 60, 210, 230)
+  assert images.parse_crop("lfw").frame == (250, 250)
+  for bad in ("40,60,210", "a,b,c,d", "10,10,5,20", "centre"):
+    with pytest.raises(ValueError, match="crop"):
+      images.parse_crop(bad)
+  # The lfw preset frames a 250x250 image exactly like the fixed LFW crop.
+  photo = np.random.default_rng(0).integers(0, 256, (250, 250, 3), np.uint8)
+  np.testing.assert_array_equal(
+      images.to_face(photo, crop=images.parse_crop("lfw")),
+      images.lfw_crop(photo))
+
+
+def test_crop_box_cuts_the_face_out():
+  photo = np.zeros((386, 321, 3), np.uint8)
+  photo[60:230, 40:210] = 200  # The face, away from the centre.
+  face = images.to_face(photo, crop=images.parse_crop("40,60,210,230"))
+  assert face.shape == (112, 112, 3) and face.min() == 200
+  # A preset box scales with the image: half-size photo, same framing.
+  box = images.CropBox(40, 60, 210, 230, frame=(321, 386))
+  small = photo[::2, ::2]
+  assert images.to_face(small, crop=box).min() == 200
+  with pytest.raises(ValueError, match=r"p\.jpg: crop 300,60,400,230 does "
+                     r"not fit the 321x386 image"):
+    images.crop_image(photo, images.CropBox(300, 60, 400, 230), "p.jpg")
+  with pytest.raises(ValueError, match="not both"):
+    images.to_face(photo, lfw_style=True, crop=box)
+
+
+def test_shape_tally_warns_about_squashed_images():
+  tally = images.ShapeTally()
+  assert tally.warning() is None
+  images.to_face(np.zeros((112, 112, 3), np.uint8), tally=tally, source="a")
+  assert tally.warning() is None
+  images.to_face(np.zeros((386, 321, 3), np.uint8), tally=tally, source="b.jpg")
+  images.to_face(np.zeros((250, 250, 3), np.uint8), tally=tally, source="c")
+  counts = (tally.num_images, tally.num_not_square, tally.num_resized)
+  assert counts == (3, 1, 1)
+  warning = tally.warning()
+  assert "1 of 3 images are not square" in warning
+  assert "b.jpg (321x386)" in warning
+  assert "1 square images were not 112x112" in warning
+  # A crop that makes the face square leaves nothing to warn about.
+  tally = images.ShapeTally()
+  images.to_face(np.zeros((386, 321, 3), np.uint8), tally=tally,
+                 crop=images.parse_crop("0,0,112,112"))
+  assert tally.warning() is None
