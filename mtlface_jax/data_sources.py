@@ -47,7 +47,7 @@ def train_source(config) -> input_pipeline.Source:
   if d.name == "mtlface_list":
     from mtlface_jax.formats import lists  # pylint: disable=g-import-not-at-top
     records, report = lists.parse_mtlface_list(
-        d.list_file, d.image_root or None, num_ids=config.model.num_classes, max_age=100,
+        d.list_file, d.image_root or None, num_ids=config.model.num_classes,
         skip_bad_examples=d.skip_bad_examples)
     if report.num_skipped:
       logging.warning("%s: %s", d.list_file, report)

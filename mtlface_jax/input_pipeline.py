@@ -55,7 +55,7 @@ except RuntimeError:  # Devices were already initialised by the caller.
 
 AUTOTUNE = tf.data.AUTOTUNE
 _STREAM_PERMUTATION, _STREAM_FLIP, _STREAM_TARGET, _STREAM_CROP = 1, 2, 3, 4
-_MAX_AGE = ages_lib.NUM_AGE_CLASSES - 1
+_MAX_AGE = ages_lib.MAX_AGE  # Shared with evaluation (formats.lists).
 
 
 class BadExampleError(ValueError):

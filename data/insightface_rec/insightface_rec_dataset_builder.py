@@ -69,8 +69,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                                (None, report_lib.ParseReport()))
       report = tfds_features.example_report(parse_report)
       self.reports["train"] = report
-      indices = (reader.image_indices() if entries is None else
-                 [entry.index for entry in entries])
+      indices = (reader.image_indices(self._skip_bad_examples, report)
+                 if entries is None else [entry.index for entry in entries])
       for position, index in enumerate(indices):
         try:
           header, image = reader.read_image(index)
