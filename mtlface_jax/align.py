@@ -441,6 +441,7 @@ class MtcnnDetector:
   def __call__(self, image: np.ndarray) -> Landmarks:
     faces = [f for f in self._model.detect_faces(image)
              if f.get("confidence", 0.0) >= self._min_confidence]
+    self.num_faces = len(faces)  # The largest is used; callers may refuse several.
     if not faces:
       raise NoFaceError("no face detected")
     face = max(faces, key=lambda f: f["box"][2] * f["box"][3])
@@ -488,6 +489,7 @@ class DlibDetector:
 
   def __call__(self, image: np.ndarray) -> Landmarks:
     boxes = self._detector(image, 1)
+    self.num_faces = len(boxes)  # The largest is used; callers may refuse several.
     if not boxes:
       raise NoFaceError("no face detected")
     box = max(boxes, key=lambda b: b.width() * b.height())
@@ -557,6 +559,11 @@ class PaddedRetry:
     self._min_side = min_side
     self.num_retried = 0
     self.num_rescued = 0
+
+  @property
+  def num_faces(self) -> int:
+    """Faces the wrapped detector found in its last image."""
+    return getattr(self._detector, "num_faces", 1)
 
   def __call__(self, image: np.ndarray) -> Landmarks:
     try:

@@ -14,6 +14,7 @@ import re
 
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 
 from mtlface_jax.formats import report as report_lib
 
@@ -27,12 +28,15 @@ class ImageDecodeError(ValueError):
   """An image file or buffer could not be decoded."""
 
 
-def decode_image_bytes(data: bytes, source: str = "<bytes>") -> np.ndarray:
+def decode_image_bytes(data: bytes, source: str = "<bytes>",
+                       orient: bool = False) -> np.ndarray:
   """Decodes encoded image bytes (JPEG, PNG, BMP, ...) to RGB uint8.
 
   Args:
     data: the encoded image.
     source: name of where the bytes came from, used in error messages.
+    orient: apply the EXIF orientation tag (phone and camera photos store
+      pixels sideways and say so there); datasets are read as stored.
 
   Returns:
     A ``[H, W, 3]`` uint8 array.
@@ -48,7 +52,7 @@ def decode_image_bytes(data: bytes, source: str = "<bytes>") -> np.ndarray:
       # than yielding a partly grey image. PIL raises DecompressionBombError
       # for absurd sizes, which guards memory against hostile files.
       image.load()
-      return _to_rgb_array(image)
+      return from_pil(image, orient)
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise ImageDecodeError(f"{source}: cannot decode image ({e})") from e
 
@@ -92,6 +96,13 @@ def load_image_or_skip(path: str | os.PathLike,
     return None
   report.add_ok()
   return image
+
+
+def from_pil(image: Image.Image, orient: bool = False) -> np.ndarray:
+  """A PIL image (any mode) as RGB uint8 ``[H, W, 3]``, optionally EXIF-oriented."""
+  if orient:
+    image = ImageOps.exif_transpose(image)
+  return _to_rgb_array(image)
 
 
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
