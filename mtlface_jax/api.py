@@ -296,10 +296,11 @@ class FaceModel:
         titled with the age ranges.
 
     Returns:
-      float32 ``[G, S, S, 3]`` in [-1, 1], one face per age group.
+      float32 ``[G, S, S, 3]`` in [-1, 1], one face per age group (clipped:
+      a generator's residual output may overshoot the range slightly).
     """
     faces = self.faces([photo])
-    synthesized = self._runner(1).synthesize(faces)
+    synthesized = np.clip(self._runner(1).synthesize(faces), -1.0, 1.0)
     if path is not None:
       self.save_grid(faces, synthesized, path)
     return synthesized[0]

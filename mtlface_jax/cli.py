@@ -158,9 +158,11 @@ def forward(command: str, argv: list[str]) -> int:
 def _run_absl_eval(argv: list[str]) -> int:
   """eval.py's flags and main; ``--model X`` (or $MTLFACE_MODEL) means ``--checkpoint=X``."""
   from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from mtlface_jax.evaluation import cli as eval_cli  # pylint: disable=g-import-not-at-top
   argv = _model_as_checkpoint(argv)
-  eval_cli.define_flags()
+  if "protocol" not in flags.FLAGS:  # Defined once per process (eval.py may have).
+    eval_cli.define_flags()
   try:
     app.run(eval_cli.main, argv=["mtlface eval", *argv])
   except SystemExit as done:
