@@ -85,7 +85,11 @@ def _model_path(args) -> str:
 
 
 def _load(args, notice=None):
+  """The model of ``args``, after checking its photos decode (no compute for a typo)."""
   from mtlface_jax import api  # pylint: disable=g-import-not-at-top
+  photos = getattr(args, "photos", None) or [p for p in [getattr(args, "photo", None)] if p]
+  for photo in photos:
+    api.decode_photo(photo)
   return api.load(_model_path(args), align=args.align,
                   threshold=getattr(args, "threshold", None), notice=notice)
 

@@ -226,8 +226,8 @@ PAGE = """<!doctype html>
  body { font-family: system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem;
         color: #222; }
  h1 { font-size: 1.4rem; margin-bottom: .2rem; }
- #facts { color: #666; font-size: .85rem; margin-bottom: 1rem; }
- #drop { border: 2px dashed #888; border-radius: 12px; padding: 2rem; text-align: center;
+ #facts { color: #666; font-size: .85rem; margin-bottom: 1rem; overflow-wrap: anywhere; }
+ #drop { display: block; border: 2px dashed #888; border-radius: 12px; padding: 2rem; text-align: center;
          background: #fafafa; cursor: pointer; }
  #drop.over { background: #eef5ff; border-color: #36c; }
  #thumbs img { height: 96px; margin: .5rem .25rem 0; border-radius: 6px; }
@@ -235,7 +235,8 @@ PAGE = """<!doctype html>
  #result .same { color: #1a7f37; font-weight: 600; }
  #result .different { color: #b42318; font-weight: 600; }
  #result .error { color: #b42318; }
- #strip { display: block; margin-top: .8rem; max-width: 100%; image-rendering: pixelated; }
+ #strip { display: block; margin-top: .8rem; height: 9rem; max-width: 100%; object-fit: contain;
+          object-position: left; }
 </style></head>
 <body>
 <h1>MTLFace on your photos</h1>
