@@ -146,6 +146,51 @@ def test_photo_errors_are_one_line(model, photos):
     api.load(photos["folder"] / "nothing")
 
 
+class FakeDetector:
+  """Stands in for mtcnn/dlib: the eye/nose/mouth points of the ArcFace template, N faces."""
+
+  def __init__(self, num_faces: int):
+    self.num_faces = num_faces
+
+  def __call__(self, image):
+    from mtlface_jax import align  # pylint: disable=g-import-not-at-top
+    if not self.num_faces:
+      raise align.NoFaceError("no face detected")
+    return align.ARCFACE_TEMPLATE * 2.0  # The face of a 224x224 photo.
+
+
+@pytest.mark.parametrize("num_faces, error", [(1, None), (0, "no face found"),
+                                              (3, "3 faces found; crop the photo")])
+def test_aligner_with_a_detector(monkeypatch, num_faces, error):
+  from mtlface_jax import align  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(align, "make_detector", lambda name: FakeDetector(num_faces))
+  aligner = api.make_aligner("auto", notice=pytest.fail)
+  photo = np.zeros((224, 224, 3), np.uint8)
+  photo[100:106] = 255  # A stripe through the eyes (y = 2 * 51.6).
+  if error:
+    with pytest.raises(api.PhotoError, match=f"me.jpg: {error}"):
+      aligner(photo, "me.jpg")
+    return
+  face = aligner(photo, "me.jpg")  # The 2x face, warped back onto the 112 template.
+  assert face.shape == (112, 112, 3) and face[50:53].min() == 255 and face[60:].max() == 0
+
+
+def test_aligner_modes(monkeypatch):
+  assert api.make_aligner("none") is None
+  with pytest.raises(ValueError, match="align must be one of"):
+    api.make_aligner("opencv")
+  from mtlface_jax import align  # pylint: disable=g-import-not-at-top
+
+  def missing(name):
+    raise ImportError(f"{name}: pip install it")
+
+  monkeypatch.setattr(align, "make_detector", missing)
+  seen = []
+  assert api.make_aligner("auto", notice=seen.append) is None and seen == [api.NO_DETECTOR_NOTE]
+  with pytest.raises(ImportError, match="mtcnn: pip install it"):
+    api.make_aligner("mtcnn")  # Asked for by name: say what to install.
+
+
 # --------------------------------------------------------------------------- #
 # The mtlface command (in-process: the compiled programs are shared).
 # --------------------------------------------------------------------------- #
