@@ -53,13 +53,9 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def notes() -> list:
-  return []
-
-
-@pytest.fixture(scope="module")
-def model(workdir, notes) -> api.FaceModel:
-  return api.load(workdir, notice=notes.append)
+def model(workdir) -> api.FaceModel:
+  # The synthetic test faces are aligned crops: no detector, whatever is installed.
+  return api.load(workdir, align="none")
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +77,16 @@ def photos(tmp_path_factory) -> dict:
 # --------------------------------------------------------------------------- #
 
 
-def test_load_facts_threshold_and_alignment_note(model, notes, workdir):
+def test_load_facts_threshold_and_alignment_note(model, workdir):
+  notes = []
+  auto = api.FaceModel(model.loaded, notice=notes.append)  # align="auto", the default.
   assert model.image_size == IMAGE_SIZE and model.group_labels == ages_lib.group_ranges(7)
   assert model.threshold == pytest.approx(RECORDED_THRESHOLD)
   assert "report.json [lfw]" in model.threshold_source
   if DETECTOR_INSTALLED:
-    assert model.aligns
+    assert auto.aligns and not notes
   else:
-    assert not model.aligns and notes == [api.NO_DETECTOR_NOTE]  # Said once.
+    assert not auto.aligns and notes == [api.NO_DETECTOR_NOTE]  # Said once.
   given = api.FaceModel(model.loaded, align="none", threshold=0.9)
   assert (given.threshold, given.threshold_source, given.aligns) == (0.9, "given", False)
   assert api.find_recorded_threshold(workdir / "checkpoints")[0] == RECORDED_THRESHOLD
@@ -175,6 +173,25 @@ def test_aligner_with_a_detector(monkeypatch, num_faces, error):
   assert face.shape == (112, 112, 3) and face[50:53].min() == 255 and face[60:].max() == 0
 
 
+def test_detector_on_real_photos(model, photos, shared_dir):
+  """With the [align] extra: real LFW photos are aligned; two faces or none are refused."""
+  if not DETECTOR_INSTALLED:
+    pytest.skip("no face detector installed (pip install -e '.[align]')")
+  people = sorted(p for p in (shared_dir / "data" / "lfw" / "images").glob("*") if p.is_dir())
+  if len(people) < 2:
+    pytest.skip("../shared/data/lfw/images is not present")
+  a, b = sorted(people[0].glob("*.jpg"))[0], sorted(people[1].glob("*.jpg"))[0]
+  aligned = api.FaceModel(model.loaded, align="auto", notice=pytest.fail)
+  assert aligned.aligns and aligned.faces([a]).shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
+  pair = Image.new("RGB", (300, 150), "white")
+  for x, path in ((10, a), (160, b)):
+    pair.paste(Image.open(path).crop((60, 60, 190, 190)), (x, 10))
+  with pytest.raises(api.PhotoError, match="2 faces found"):
+    aligned.faces([np.asarray(pair)])
+  with pytest.raises(api.PhotoError, match="no face found"):
+    aligned.faces([np.full((160, 160, 3), 128, np.uint8)])
+
+
 def test_aligner_modes(monkeypatch):
   assert api.make_aligner("none") is None
   with pytest.raises(ValueError, match="align must be one of"):
@@ -197,7 +214,9 @@ def test_aligner_modes(monkeypatch):
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
-  status = cli.main([str(a) for a in argv])
+  # The synthetic faces are aligned crops: no detector, whatever is installed.
+  extra = ["--no-align"] if argv[0] in cli.RUNNERS else []
+  status = cli.main([str(a) for a in argv] + extra)
   out = capsys.readouterr()
   return status, out.out, out.err
 
@@ -476,6 +495,7 @@ def test_quickstart_notebook_runs(workdir, photos, tmp_path, monkeypatch):
   monkeypatch.setenv("MTLFACE_MODEL", str(workdir))
   monkeypatch.setenv("MTLFACE_PHOTO_A", str(photos["a"]))
   monkeypatch.setenv("MTLFACE_PHOTO_B", str(photos["b"]))
+  monkeypatch.setenv("MTLFACE_ALIGN", "none")  # Synthetic faces are aligned crops.
   monkeypatch.chdir(tmp_path)
   namespace = {"__name__": "__main__"}
   cells = [c for c in notebook["cells"] if c["cell_type"] == "code"]
