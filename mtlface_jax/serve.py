@@ -123,77 +123,83 @@ def analyze(model: api.FaceModel, photos: list[bytes]) -> dict[str, Any]:
   return result
 
 
-def make_handler(model: api.FaceModel, limits: Limits):
-  """The request handler class bound to ``model``."""
-  lock = threading.Lock()  # One model call at a time: compiles and caches are shared.
-  facts = api.describe(model)
+class PageHandler(http.server.BaseHTTPRequestHandler):
+  """The page and its API; :func:`make_handler` binds a model and limits."""
+  server_version = "mtlface"
+  model: api.FaceModel
+  limits: Limits
+  facts: dict
+  lock: threading.Lock  # One model call at a time: compiles and caches are shared.
 
-  class Handler(http.server.BaseHTTPRequestHandler):
-    server_version = "mtlface"
+  def log_message(self, *args):  # Quiet: the terminal shows the URL, not each request.
+    del args
 
-    def log_message(self, *args):  # Quiet: the terminal shows the URL, not each request.
-      del args
+  def _send(self, status: int, body: bytes, content_type: str) -> None:
+    self.send_response(status)
+    self.send_header("Content-Type", content_type)
+    self.send_header("Content-Length", str(len(body)))
+    self.send_header("Cache-Control", "no-store")
+    self.send_header("X-Content-Type-Options", "nosniff")
+    self.end_headers()
+    self.wfile.write(body)
 
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-      self.send_response(status)
-      self.send_header("Content-Type", content_type)
-      self.send_header("Content-Length", str(len(body)))
-      self.send_header("Cache-Control", "no-store")
-      self.send_header("X-Content-Type-Options", "nosniff")
-      self.end_headers()
-      self.wfile.write(body)
+  def _json(self, status: int, value: Any) -> None:
+    self._send(status, json.dumps(value).encode(), "application/json")
 
-    def _json(self, status: int, value: Any) -> None:
-      self._send(status, json.dumps(value).encode(), "application/json")
+  def _local(self) -> bool:
+    """Answers 403 unless the request was addressed to this machine by name or IP."""
+    host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+    if host in ("127.0.0.1", "localhost"):
+      return True
+    self._json(403, {"error": "this page answers requests to 127.0.0.1 or localhost only"})
+    return False
 
-    def _local(self) -> bool:
-      host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
-      if host in ("127.0.0.1", "localhost"):
-        return True
-      self._json(403, {"error": "this page answers requests to 127.0.0.1 or localhost only"})
-      return False
+  def do_GET(self):  # pylint: disable=invalid-name
+    if not self._local():
+      return
+    if self.path in ("/", "/index.html"):
+      self._send(200, PAGE.encode(), "text/html; charset=utf-8")
+    elif self.path == "/api/info":
+      self._json(200, self.facts)
+    else:
+      self._json(404, {"error": f"no page {self.path}"})
 
-    def do_GET(self):  # pylint: disable=invalid-name
-      if not self._local():
-        return
-      if self.path in ("/", "/index.html"):
-        self._send(200, PAGE.encode(), "text/html; charset=utf-8")
-      elif self.path == "/api/info":
-        self._json(200, facts)
-      else:
-        self._json(404, {"error": f"no page {self.path}"})
+  def do_POST(self):  # pylint: disable=invalid-name
+    if not self._local():
+      return
+    if self.path != "/api/analyze":
+      self._json(404, {"error": f"no API {self.path}"})
+      return
+    try:
+      self._json(200, self._analyze())
+    except UploadError as e:
+      self._json(e.status, {"error": str(e)})
+    except (api.PhotoError, ValueError) as e:
+      self._json(400, {"error": " ".join(str(e).split())})
 
-    def do_POST(self):  # pylint: disable=invalid-name
-      if not self._local():
-        return
-      if self.path != "/api/analyze":
-        self._json(404, {"error": f"no API {self.path}"})
-        return
-      try:
-        self._json(200, self._analyze())
-      except UploadError as e:
-        self._json(e.status, {"error": str(e)})
-      except (api.PhotoError, ValueError) as e:
-        self._json(400, {"error": " ".join(str(e).split())})
+  def _analyze(self) -> dict:
+    if not (self.headers.get("Content-Type") or "").startswith("application/json"):
+      raise UploadError("send application/json", 415)
+    try:
+      length = int(self.headers.get("Content-Length") or -1)
+    except ValueError:
+      length = -1
+    if length < 0:
+      raise UploadError("a Content-Length is required", 411)
+    if length > self.limits.max_request_bytes:
+      self.close_connection = True  # The body is not read: do not reuse the socket.
+      raise UploadError(f"the request is {length} bytes; the limit is "
+                        f"{self.limits.max_request_bytes}", 413)
+    photos = parse_photos(self.rfile.read(length), self.limits)
+    with self.lock:
+      return analyze(self.model, photos)
 
-    def _analyze(self) -> dict:
-      if not (self.headers.get("Content-Type") or "").startswith("application/json"):
-        raise UploadError("send application/json", 415)
-      try:
-        length = int(self.headers.get("Content-Length") or -1)
-      except ValueError:
-        length = -1
-      if length < 0:
-        raise UploadError("a Content-Length is required", 411)
-      if length > limits.max_request_bytes:
-        self.close_connection = True  # The body is not read: do not reuse the socket.
-        raise UploadError(f"the request is {length} bytes; the limit is "
-                          f"{limits.max_request_bytes}", 413)
-      photos = parse_photos(self.rfile.read(length), limits)
-      with lock:
-        return analyze(model, photos)
 
-  return Handler
+def make_handler(model: api.FaceModel, limits: Limits) -> type:
+  """A :class:`PageHandler` class bound to ``model`` and ``limits``."""
+  return type("BoundPageHandler", (PageHandler,),
+              {"model": model, "limits": limits, "facts": api.describe(model),
+               "lock": threading.Lock()})
 
 
 def make_server(model: api.FaceModel, port: int = 8000,
