@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 from absl import flags
 from absl import logging
 
+from mtlface_jax import checkpoint_io
 from mtlface_jax import predict
 from mtlface_jax import synthetic
 from mtlface_jax.evaluation import datasets
@@ -333,7 +334,7 @@ def run(options: EvalOptions) -> dict[str, Any]:
   check_paths(options)
   lfw_style, crop = face_preparation(options)
   check_options(options, names)
-  loaded = predict.load(options.checkpoint, options.dtype, options.step)
+  loaded = load_checkpoint(options.checkpoint, options.dtype, options.step)
   model = runner.ModelRunner(loaded, batch_size=options.batch_size, flip=options.flip,
                              progress=options.progress)
   report = report_lib.new_report(",".join(names), loaded.info, dataclasses.asdict(options))
@@ -349,6 +350,23 @@ def run(options: EvalOptions) -> dict[str, Any]:
   report["embedding_cache"] = ctx.cache.stats()
   report_lib.write_report(report, options.output_dir)
   return report
+
+
+def load_checkpoint(path: str, dtype: str, step: Optional[int] = None) -> predict.LoadedModel:
+  """``predict.load``, with orbax's errors for incomplete checkpoints as one line.
+
+  Raises:
+    checkpoint_io.CheckpointError: naming the checkpoint, when an item (e.g.
+      its metadata) is missing.
+  """
+  try:
+    return predict.load(path, dtype, step)
+  except KeyError as error:
+    # SEAM: checkpoint_io.restore_variables lets orbax's KeyError ('Item "meta"
+    # was not found in the checkpoint') through; it should raise CheckpointError.
+    raise checkpoint_io.CheckpointError(
+        f"checkpoint {path} is incomplete or not written by this project: "
+        f"{one_line(error)}") from error
 
 
 def check_paths(options: EvalOptions) -> None:
@@ -424,9 +442,11 @@ def _record_error(ctx: _Run, section: str, name: str, source: str,
 
 def _shapes(ctx: _Run, name: str, paths: Sequence[str], lfw_style: bool,
             crop: Optional[images_lib.CropBox]) -> dict:
-  """The ``shapes`` entry of a file set (after embedding), warning once per set."""
-  tally = ctx.cache.shape_tally(paths, lfw_style, crop)
+  """The ``shapes`` entry of a file set's distinct files (after embedding), warning once."""
+  tally = ctx.cache.shape_tally(list(dict.fromkeys(paths)), lfw_style, crop)
   warning = tally.warning()
+  if tally.num_not_square:
+    warning += " (eval.py --crop=x0,y0,x1,y1)"
   if warning:
     ctx.report.setdefault("warnings", []).append(f"{name}: {warning}")
     logging.warning("%s: %s", name, warning)
@@ -626,7 +646,7 @@ def _helper_model(options: EvalOptions, path: str, default):
   """(runner, description) of a separately given checkpoint, or the default."""
   if not path:
     return default, "checkpoint"
-  loaded = predict.load(path, options.dtype)
+  loaded = load_checkpoint(path, options.dtype)
   return (runner.ModelRunner(loaded, batch_size=options.batch_size, flip=options.flip,
                              progress=False), loaded.info["checkpoint"])
 

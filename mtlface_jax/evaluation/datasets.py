@@ -94,12 +94,21 @@ def crop_key(lfw_style: bool, crop: Optional[images_lib.CropBox]) -> str:
   return f"{crop.x0},{crop.y0},{crop.x1},{crop.y1}{frame}"
 
 
-def shape_tally(shapes: Iterable[Optional[tuple[int, int]]]) -> images_lib.ShapeTally:
-  """Counts faces that were not square or not 112x112 before their resize."""
+def shape_tally(shapes: Iterable[tuple[str, Optional[tuple[int, int]]]]
+                ) -> images_lib.ShapeTally:
+  """Counts faces that were not square or not 112x112 before their resize.
+
+  Args:
+    shapes: ``(source, (height, width))`` per face, as :func:`decode_face`
+      gives them (None: not counted, e.g. the LFW crop).
+
+  Returns:
+    The tally (``warning()`` says what was squashed or resized).
+  """
   tally = images_lib.ShapeTally(images_lib.FACE_SIZE)
-  for shape in shapes:
+  for source, shape in shapes:
     if shape is not None:
-      tally.add(shape)
+      tally.add(shape, source)
   return tally
 
 

@@ -106,7 +106,8 @@ class EmbeddingCache:
                   crop: Optional[images_lib.CropBox] = None) -> images_lib.ShapeTally:
     """Counts the cached files that were not square or not 112x112 before the resize."""
     cut = datasets.crop_key(lfw_style, crop)
-    return datasets.shape_tally(self._shapes.get((os.path.abspath(p), cut)) for p in paths)
+    return datasets.shape_tally((p, self._shapes.get((os.path.abspath(p), cut)))
+                                for p in paths)
 
   def _compute(self, keys, lfw_style, crop, description) -> None:
     """Decodes and runs the model over ``keys`` (new entries), in batches."""
