@@ -6,6 +6,13 @@ with identity and age labels, built from the formats of
 SCAF lists) or a synthetic split. Parse problems raise ``ValueError`` naming
 the file (and line), or, with ``skip_bad_examples``, are counted in the set's
 ``report`` and listed in the evaluation report.
+
+Files become model inputs through :func:`decode_face`: an optional crop box
+(``--crop``) or the fixed LFW crop, then a resize to 112x112 whose input
+shape is kept so a run can count (:func:`shape_tally`) the images a resize
+squashed. Identity folders may hold subfolders (``<person>/y/``): their
+images belong to the person, keep their subfolder in ``FaceSet.subsets`` and
+can be selected (gallery/probe by subset) or refused.
 """
 
 import dataclasses

@@ -5,10 +5,16 @@ function (e.g. ``runner.embed_fn``). On a :class:`runner.ModelRunner` (each
 returns the library's result object):
   * :func:`verify_pairs` / :func:`verify_bin` / :func:`verify_synthetic`:
     the 10-fold verification protocol (``verification.evaluate_verification``);
-  * :func:`identify_leave_one_out` / :func:`identify_gallery_probe`: rank-k;
+  * :func:`identify_set` (leave-one-image-out :func:`identify_leave_one_out`
+    or leave-one-person-out :func:`identify_leave_one_person_out`) and
+    :func:`identify_gallery_probe`: rank-k;
   * :func:`estimate_age`: MAE, group accuracy, CS(5);
   * :func:`face_age_synthesis`: every input synthesized into every age group,
     scored for age accuracy and identity preservation, with PNG grids.
+
+The file-based protocols take an optional :class:`EmbeddingCache`: one cache
+shared by every protocol and set of a run decodes and embeds each distinct
+``(image file, crop)`` once.
 
 :func:`as_loaded` opens a model from a path, a ``LoadedModel`` or a training
 run's in-process variables. The recipes' held-out evaluation (the demo's
@@ -29,7 +35,6 @@ from mtlface_jax.evaluation import age as age_lib
 from mtlface_jax.evaluation import datasets
 from mtlface_jax.evaluation import fas as fas_lib
 from mtlface_jax.evaluation import identification
-from mtlface_jax.evaluation import report as report_lib
 from mtlface_jax.evaluation import runner
 from mtlface_jax.evaluation import verification
 from mtlface_jax.formats import binset
@@ -92,6 +97,8 @@ class EmbeddingCache:
     """
     if need_age and not self.with_age:
       raise ValueError("this cache keeps no ages; make it with with_age=True")
+    if not len(paths):
+      raise ValueError("no image files to embed")
     cut = datasets.crop_key(lfw_style, crop)
     keys = [(os.path.abspath(p), cut) for p in paths]
     self.num_requested += len(keys)
