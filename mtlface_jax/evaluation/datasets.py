@@ -19,7 +19,7 @@ import numpy as np
 from mtlface_jax.evaluation import verification
 from mtlface_jax.formats import images as images_lib
 from mtlface_jax.formats import lists
-from mtlface_jax.formats import report as report_lib
+from mtlface_jax.formats import parse_report
 
 FOLDER_FORMATS = ("utkface", "fgnet", "identity", "images")
 PAIR_FORMATS = ("lfw", "generic", "numbered")
@@ -101,7 +101,7 @@ class FaceSet:
   paths: Optional[list[str]] = None
   images: Optional[np.ndarray] = None
   lfw_style: bool = False
-  report: report_lib.ParseReport = dataclasses.field(default_factory=report_lib.ParseReport)
+  report: parse_report.ParseReport = dataclasses.field(default_factory=parse_report.ParseReport)
 
   def __post_init__(self):
     if (self.paths is None) == (self.images is None):
@@ -156,7 +156,7 @@ class FaceSet:
 
 
 def from_records(name: str, source: str, records: Sequence[lists.FaceRecord],
-                 report: report_lib.ParseReport, lfw_style: bool = False,
+                 report: parse_report.ParseReport, lfw_style: bool = False,
                  labels: Optional[Sequence] = None) -> FaceSet:
   """A file FaceSet from parsed records (ids from the records unless ``labels``)."""
   if not records:
@@ -204,7 +204,7 @@ def from_folder(folder, folder_format: str, lfw_style: bool = False,
     labels = [names[r.id] for r in records]  # Names, so two folders' labels compare.
   elif folder_format == "images":
     records = [lists.FaceRecord(str(p)) for p in lists.list_image_files(folder)]
-    parsed = report_lib.ParseReport(num_ok=len(records))
+    parsed = parse_report.ParseReport(num_ok=len(records))
   else:
     raise ValueError(f"folder format must be one of {FOLDER_FORMATS}, got {folder_format!r}")
   return from_records(name, str(folder), records, parsed, lfw_style, labels)
@@ -220,7 +220,7 @@ def from_list(list_path, images_root=None, lfw_style: bool = False,
 
 def load_pairs(path, pair_format: str, images_root=None, num_folds: int = 10,
                skip_bad_examples: bool = False) -> tuple[list[lists.FacePair],
-                                                         report_lib.ParseReport]:
+                                                         parse_report.ParseReport]:
   """Parses a verification pair list.
 
   Args:
