@@ -27,7 +27,7 @@ from mtlface_jax import ages as ages_lib
 from mtlface_jax.evaluation import verification
 from mtlface_jax.formats import images as images_lib
 from mtlface_jax.formats import lists
-from mtlface_jax.formats import report as report_lib
+from mtlface_jax.formats import parse_report
 
 FOLDER_FORMATS = ("utkface", "fgnet", "identity", "images")
 PAIR_FORMATS = ("lfw", "generic", "numbered")
@@ -174,7 +174,7 @@ class FaceSet:
   lfw_style: bool = False
   crop: Optional[images_lib.CropBox] = None
   subsets: Optional[np.ndarray] = None
-  report: report_lib.ParseReport = dataclasses.field(default_factory=report_lib.ParseReport)
+  report: parse_report.ParseReport = dataclasses.field(default_factory=parse_report.ParseReport)
 
   def __post_init__(self):
     if (self.paths is None) == (self.images is None):
@@ -261,7 +261,7 @@ def check_ages(ages: np.ndarray, paths: Optional[Sequence[str]], name: str) -> N
 
 
 def from_records(name: str, source: str, records: Sequence[lists.FaceRecord],
-                 report: report_lib.ParseReport, lfw_style: bool = False,
+                 report: parse_report.ParseReport, lfw_style: bool = False,
                  labels: Optional[Sequence] = None,
                  crop: Optional[images_lib.CropBox] = None,
                  subsets: bool = False) -> FaceSet:
@@ -335,7 +335,7 @@ def from_folder(folder, folder_format: str, lfw_style: bool = False,
     labels = [names[r.id] for r in records]  # Names, so two folders' labels compare.
   elif folder_format == "images":
     records = [lists.FaceRecord(str(p)) for p in lists.list_image_files(folder)]
-    parsed = report_lib.ParseReport(num_ok=len(records))
+    parsed = parse_report.ParseReport(num_ok=len(records))
   else:
     raise ValueError(f"folder format must be one of {FOLDER_FORMATS}, got {folder_format!r}")
   return from_records(name, str(folder), records, parsed, lfw_style, labels, crop,
@@ -371,7 +371,7 @@ def guess_pair_format(path) -> str:
 
 def load_pairs(path, pair_format: str, images_root=None, num_folds: int = 10,
                skip_bad_examples: bool = False) -> tuple[list[lists.FacePair],
-                                                         report_lib.ParseReport]:
+                                                         parse_report.ParseReport]:
   """Parses a verification pair list.
 
   Args:
