@@ -25,7 +25,6 @@ from typing import Any, Optional, Sequence
 from absl import flags
 from absl import logging
 
-from mtlface_jax import checkpoint_io
 from mtlface_jax import predict
 from mtlface_jax import synthetic
 from mtlface_jax.evaluation import datasets
@@ -334,7 +333,7 @@ def run(options: EvalOptions) -> dict[str, Any]:
   check_paths(options)
   lfw_style, crop = face_preparation(options)
   check_options(options, names)
-  loaded = load_checkpoint(options.checkpoint, options.dtype, options.step)
+  loaded = predict.load(options.checkpoint, options.dtype, options.step)
   model = runner.ModelRunner(loaded, batch_size=options.batch_size, flip=options.flip,
                              progress=options.progress)
   report = report_lib.new_report(",".join(names), loaded.info, dataclasses.asdict(options))
@@ -350,23 +349,6 @@ def run(options: EvalOptions) -> dict[str, Any]:
   report["embedding_cache"] = ctx.cache.stats()
   report_lib.write_report(report, options.output_dir)
   return report
-
-
-def load_checkpoint(path: str, dtype: str, step: Optional[int] = None) -> predict.LoadedModel:
-  """``predict.load``, with orbax's errors for incomplete checkpoints as one line.
-
-  Raises:
-    checkpoint_io.CheckpointError: naming the checkpoint, when an item (e.g.
-      its metadata) is missing.
-  """
-  try:
-    return predict.load(path, dtype, step)
-  except KeyError as error:
-    # SEAM: checkpoint_io.restore_variables lets orbax's KeyError ('Item "meta"
-    # was not found in the checkpoint') through; it should raise CheckpointError.
-    raise checkpoint_io.CheckpointError(
-        f"checkpoint {path} is incomplete or not written by this project: "
-        f"{one_line(error)}") from error
 
 
 def check_paths(options: EvalOptions) -> None:
@@ -646,7 +628,7 @@ def _helper_model(options: EvalOptions, path: str, default):
   """(runner, description) of a separately given checkpoint, or the default."""
   if not path:
     return default, "checkpoint"
-  loaded = load_checkpoint(path, options.dtype)
+  loaded = predict.load(path, options.dtype)
   return (runner.ModelRunner(loaded, batch_size=options.batch_size, flip=options.flip,
                              progress=False), loaded.info["checkpoint"])
 
