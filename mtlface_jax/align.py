@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from mtlface_jax.formats import images as images_lib
 from mtlface_jax.formats import lists as lists_lib
-from mtlface_jax.formats import report as report_lib
+from mtlface_jax.formats import parse_report
 
 # insightface's 112x112 ArcFace template: left eye, right eye, nose tip, left
 # and right mouth corner, in (x, y) pixels.
@@ -614,7 +614,7 @@ def _save_image(image: np.ndarray, path: Path) -> None:
 
 def _plan(input_root: Path, landmarks: dict[str, Landmarks] | None,
           landmarks_dir: Path | None, skip_bad_examples: bool,
-          report: report_lib.ParseReport) -> list[tuple[str, object]]:
+          report: parse_report.ParseReport) -> list[tuple[str, object]]:
   """``(image name, landmark source)`` for every image to align.
 
   The source is ``[5, 2]`` landmarks (a list), a ``.pts`` path or None
@@ -637,7 +637,7 @@ def _plan(input_root: Path, landmarks: dict[str, Landmarks] | None,
       if found in taken:
         raise ValueError(f"names the same image as {taken[found]!r}")
     except ValueError as e:
-      report_lib.handle_bad_entry(str(input_root / name), str(e),
+      parse_report.handle_bad_entry(str(input_root / name), str(e),
                                   skip_bad_examples, report)
       continue
     taken[found] = name
@@ -668,7 +668,7 @@ def _align_one(input_root: Path, name: str, source, mode: str,
 
 def write_skipped(output_root: str | os.PathLike,
                   input_root: str | os.PathLike,
-                  report: report_lib.ParseReport) -> Path | None:
+                  report: parse_report.ParseReport) -> Path | None:
   """Lists every skipped image in ``<output_root>/skipped.txt``.
 
   One line per image: its path relative to ``input_root``, a tab, and why it
@@ -698,7 +698,7 @@ def align_directory(input_dir: str | os.PathLike, output_dir: str | os.PathLike,
                     detector: Callable[[np.ndarray], Landmarks] | None = None,
                     lfw_crop: bool = False,
                     skip_bad_examples: bool = False,
-                    progress: bool = True) -> report_lib.ParseReport:
+                    progress: bool = True) -> parse_report.ParseReport:
   """Aligns images of ``input_dir`` into ``output_dir`` (same relative paths).
 
   Exactly one landmark source is used: ``lfw_crop``, else ``landmarks``
@@ -738,7 +738,7 @@ def align_directory(input_dir: str | os.PathLike, output_dir: str | os.PathLike,
   if mode == "detect" and detector is None:
     raise ValueError("need landmarks, a landmarks folder, a detector or "
                      "lfw_crop")
-  report = report_lib.ParseReport()
+  report = parse_report.ParseReport()
   jobs = _plan(input_root, landmarks if mode == "landmarks" else None,
                Path(landmarks_dir) if mode == "pts" else None,
                skip_bad_examples, report)
@@ -747,7 +747,7 @@ def align_directory(input_dir: str | os.PathLike, output_dir: str | os.PathLike,
     try:
       face = _align_one(input_root, name, source, mode, detector)
     except ValueError as e:  # ImageDecodeError and NoFaceError included.
-      report_lib.handle_bad_entry(str(input_root / name), str(e),
+      parse_report.handle_bad_entry(str(input_root / name), str(e),
                                   skip_bad_examples, report)
       continue
     _save_image(face, output_root / name)

@@ -71,6 +71,13 @@ def _open(path: str | Path, step: Optional[int]) -> tuple[Path, ocp.CheckpointMa
   return directory, manager, int(chosen)
 
 
+def _require_meta(directory: Path, step: int) -> None:
+  """A one-line error for a step folder without its ``meta`` item."""
+  if not (directory / str(step) / META_ITEM).exists():
+    raise CheckpointError(f"checkpoint {directory}/{step} has no '{META_ITEM}' item: it was not "
+                          "written by this project, or it is incomplete")
+
+
 def read_meta(path: str | Path, step: Optional[int] = None) -> tuple[dict, int]:
   """The JSON metadata of a checkpoint.
 
@@ -119,6 +126,7 @@ def restore_variables(path: str | Path, step: Optional[int] = None,
   """
   directory, manager, step = _open(path, step)
   try:
+    _require_meta(directory, step)
     metadata = manager.item_metadata(step)
     tree = getattr(metadata.get(STATE_ITEM) if metadata else None, "tree", None)
     if not isinstance(tree, dict) or not isinstance(tree.get(VARIABLES_KEY), dict):
@@ -154,6 +162,7 @@ def restore_state(path: str | Path, step: Optional[int] = None) -> tuple[dict, d
   """
   directory, manager, step = _open(path, step)
   try:
+    _require_meta(directory, step)
     metadata = manager.item_metadata(step)
     tree = getattr(metadata.get(STATE_ITEM) if metadata else None, "tree", None)
     if tree is None:

@@ -35,7 +35,7 @@ import numpy as np
 from mtlface_jax.formats import images as images_lib
 from mtlface_jax.formats import lists
 from mtlface_jax.formats import recordio
-from mtlface_jax.formats import report as report_lib
+from mtlface_jax.formats import parse_report
 
 MANIFEST = "manifest.json"
 # 0-based labels of LFW's folds 6-10: never trained on, evaluated.
@@ -131,7 +131,7 @@ def lfw_faces(lfw_dir: str | os.PathLike) -> tuple[list[Face], list[str], list[l
 
 
 def utkface_faces(utkface_dir: str | os.PathLike, seed: int = 0,
-                  train_fraction: float = 0.8) -> tuple[list[Face], report_lib.ParseReport]:
+                  train_fraction: float = 0.8) -> tuple[list[Face], parse_report.ParseReport]:
   """Every UTKFace image with its age, gender and a seeded 80/20 split.
 
   Args:

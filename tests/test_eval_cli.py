@@ -9,18 +9,23 @@ writes it (a ``TrainState`` and the ``{'step', 'data_position', 'task',
 minutes on CPU.
 """
 
+import io
 import json
 import os
 from pathlib import Path
+import pickle
+import shutil
 import subprocess
 import sys
 
+from absl import flags
 import jax
 import numpy as np
 from PIL import Image
 import pytest
 
 from configs import tiny
+from mtlface_jax import align
 from mtlface_jax import predict
 from mtlface_jax import synthetic
 from mtlface_jax.evaluation import cli
@@ -377,3 +382,244 @@ def test_age_from_an_mtlface_list(workdir, data, tmp_path):
   (tmp_path / "scaf.txt").write_text("1 0.jpg 30\n")
   with pytest.raises(ValueError, match=r"scaf.txt:1: expected 4 fields"):
     cli.run(options(workdir, tmp_path / "out", "age", list=str(tmp_path / "scaf.txt")))
+
+
+# --------------------------------------------------------------------------- #
+# New datasets in one run (issue 17) and per-set errors (issue 12).
+# --------------------------------------------------------------------------- #
+
+
+def raw_photo(face: np.ndarray, canvas: tuple[int, int], offset: tuple[int, int],
+              scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+  """An aligned 112x112 face pasted into a larger grey photo, and its 5 landmarks."""
+  side = int(round(112 * scale))
+  photo = np.full((*canvas, 3), 90, np.uint8)
+  x, y = offset
+  photo[y:y + side, x:x + side] = images_lib.resize_image(face, side)
+  return photo, align.ARCFACE_TEMPLATE * (side / 112.0) + np.asarray(offset, np.float64)
+
+
+def pts_text(five: np.ndarray) -> str:
+  """An iBUG 68-point .pts file whose eye contours, nose tip and mouth corners are ``five``."""
+  points = np.tile(five.mean(0), (68, 1))
+  points[36:42], points[42:48] = five[0], five[1]
+  points[30], points[48], points[54] = five[2], five[3], five[4]
+  body = "\n".join(f"{x:.3f} {y:.3f}" for x, y in points)
+  return f"version: 1\nn_points: 68\n{{\n{body}\n}}\n"
+
+
+def run_eval_py(argv: list[str]) -> tuple[int, str, str]:
+  """eval.py's flags parsed and executed in this process (compiled programs shared)."""
+  flag_values = flags.FlagValues()
+  cli.define_flags(flag_values)
+  flag_values(["eval.py", *argv])
+  out, err = io.StringIO(), io.StringIO()
+  status = cli.execute(cli.options_from_flags(flag_values), out, err)
+  return status, out.getvalue(), err.getvalue()
+
+
+def test_three_new_sets_take_one_align_each_and_one_eval_run(workdir, data, tmp_path):
+  faces, ids = data.test.images, data.test.ids
+  people = [np.flatnonzero(ids == i) for i in np.unique(ids)[:4]]  # 4 identities x 6.
+  # 1. A CACD-VS-style pair set: raw photos in folders whose names hold spaces,
+  #    5-point landmarks, a numbered pair list with quoted names.
+  marks, lines = [], []
+  for p, person in enumerate(people):
+    for k in range(2):
+      name = f"Person {p}/{p}_Person {p}_{k:04d}.jpg"
+      photo, five = raw_photo(faces[person[k]], (150, 130), (10 + 3 * k, 20))
+      save_image(tmp_path / "cacd_raw" / name, photo)
+      marks.append(name + " " + " ".join(f"{v:.3f}" for v in five.ravel()))
+  (tmp_path / "cacd_landmarks.txt").write_text("\n".join(marks) + "\n")
+  number = 0
+  for p in range(4):
+    number += 1
+    lines.append(f'{number} "Person {p}/{p}_Person {p}_0000.jpg" '
+                 f'"Person {p}/{p}_Person {p}_0001.jpg" 1')
+    number += 1
+    q = (p + 1) % 4
+    lines.append(f'{number}\tPerson {p}/{p}_Person {p}_0000.jpg\t'
+                 f'Person {q}/{q}_Person {q}_0001.jpg\t0')  # The tab form.
+  (tmp_path / "cacd_pairs.txt").write_text("\n".join(lines) + "\n")
+  # 2. An FG-NET-style folder: 001A02.JPG names, 68-point .pts files named in
+  #    lower case beside the images.
+  for p, person in enumerate(people):
+    for k in range(3):
+      photo, five = raw_photo(faces[person[k]], (140, 160), (20, 15), scale=1.1)
+      save_image(tmp_path / "fgnet_raw" / f"{p + 1:03d}A{10 * k + 5:02d}.JPG", photo)
+      (tmp_path / "fgnet_raw" / f"{p + 1:03d}a{10 * k + 5:02d}.pts").write_text(pts_text(five))
+  # 3. A large-age-gap set: <person>/ (old) and <person>/y/ (young), landmarks listed.
+  marks = []
+  for p, person in enumerate(people):
+    for sub, k in (("", 3), ("y/", 4), ("y/", 5)):
+      name = f"gap person {p}/{sub}{k}.png"
+      photo, five = raw_photo(faces[person[k]], (120, 120), (4, 4))
+      save_image(tmp_path / "gap_raw" / name, photo)
+      marks.append(name + " " + " ".join(f"{v:.3f}" for v in five.ravel()))
+  (tmp_path / "gap_landmarks.txt").write_text("\n".join(marks) + "\n")
+  # One align command per set.
+  assert align.main(["--input", str(tmp_path / "cacd_raw"), "--output", str(tmp_path / "cacd"),
+                     "--landmarks", str(tmp_path / "cacd_landmarks.txt"), "--no-progress"]) == 0
+  assert align.main(["--input", str(tmp_path / "fgnet_raw"), "--output",
+                     str(tmp_path / "fgnet"), "--no-progress"]) == 0  # .pts found beside.
+  assert align.main(["--input", str(tmp_path / "gap_raw"), "--output", str(tmp_path / "gap"),
+                     "--landmarks", str(tmp_path / "gap_landmarks.txt"), "--no-progress"]) == 0
+  # One eval.py run.
+  out = tmp_path / "out"
+  status, stdout, stderr = run_eval_py([
+      f"--checkpoint={workdir}", "--protocol=verification,identification",
+      "--protocol=age", f"--output_dir={out}", f"--batch_size={BATCH}", "--noprogress",
+      f"--pair_list=cacd={tmp_path / 'cacd_pairs.txt'}", f"--images_root={tmp_path / 'cacd'}",
+      "--num_folds=2", f"--folder={tmp_path / 'fgnet'}", "--folder_format=fgnet",
+      "--name=fgnet_tiny", f"--gallery={tmp_path / 'gap'}", "--gallery_subset=",
+      f"--probe={tmp_path / 'gap'}", "--probe_subset=y"])
+  assert status == 0, stderr
+  assert "warning" not in stderr  # Aligned: square 112x112, nothing squashed.
+  written = json.loads((out / "report.json").read_text())
+  assert written["protocol"] == "verification,identification,age"
+  cacd = written["verification"]["cacd"]
+  assert cacd["num_pairs"] == 8 and cacd["fold_labels"] == [0, 1]
+  entry = written["datasets"]["cacd"]
+  assert entry["pair_format"] == "numbered" and entry["num_skipped"] == 0
+  assert entry["shapes"] == {"num_images": 8, "num_not_square": 0, "num_resized": 0,
+                             "examples": []}
+  fgnet = written["identification"]["fgnet_tiny"]
+  assert fgnet["num_probes"] == 12 and written["age"]["fgnet_tiny"]["num_samples"] == 12
+  assert written["datasets"]["fgnet_tiny"]["identification"] == "leave-one-image-out"
+  gap = written["identification"]["gap->gap/y"]
+  assert (gap["num_probes"], gap["num_skipped"]) == (8, 0)
+  assert written["datasets"]["gap->gap/y"]["probe"]["subsets"]["images"] == {"y": 8}
+  assert written["datasets"]["gap->gap/y"]["gallery"]["num_identities"] == 4
+  # 8 pair images + 12 FG-NET faces (identification AND age) + 12 gap faces,
+  # each decoded and embedded once.
+  assert written["embedding_cache"] == {"images_embedded": 32, "images_requested": 16 + 24 + 12}
+  assert all(name in stdout for name in ("cacd", "fgnet_tiny", "gap->gap/y"))
+
+
+def save_image(path: Path, image: np.ndarray) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(image).save(path)
+
+
+def test_crop_box_and_shape_warning_in_the_report(workdir, data, tmp_path):
+  faces = data.test.images
+  names = ["a b.png", "c.png", "d e.png", "f.png"]
+  for k, name in enumerate(names):  # 112x112 faces at (30, 10) in 170x130 photos.
+    photo, _ = raw_photo(faces[[0, 1, 6, 7][k]], (130, 170), (30, 10))
+    save_image(tmp_path / "photos" / name, photo)
+  (tmp_path / "pairs.txt").write_text('"a b.png" c.png 1 1\n"a b.png" "d e.png" 0 1\n'
+                                      'd e.png\tf.png\t1\t2\nc.png\tf.png\t0\t2\n')
+  common = {"pair_list": (f"photos={tmp_path / 'pairs.txt'}",),
+            "images_root": str(tmp_path / "photos")}
+  squashed = tmp_path / "squashed"
+  err = io.StringIO()
+  assert cli.execute(options(workdir, squashed, "verification", **common), io.StringIO(),
+                     err) == 0
+  entry = json.loads((squashed / "report.json").read_text())["datasets"]["photos"]
+  assert entry["shapes"]["num_not_square"] == 4 and entry["crop"] == "none"
+  assert "eval.py: warning: photos: 4 of 4 images are not square" in err.getvalue()
+  assert "(170x130)" in err.getvalue() and "python -m mtlface_jax.align" in err.getvalue()
+  cropped = cli.run(options(workdir, tmp_path / "cropped", "verification",
+                            crop="30,10,142,122", **common))
+  entry = cropped["datasets"]["photos"]
+  assert entry["crop"] == "30,10,142,122" and entry["shapes"]["num_not_square"] == 0
+  assert entry["shapes"]["num_resized"] == 0 and "warnings" not in cropped
+  with pytest.raises(ValueError, match="crop 0,0,200,200 does not fit the 170x130 image"):
+    cli.run(options(workdir, tmp_path / "bad", "verification", crop="0,0,200,200", **common))
+
+
+def test_each_bin_set_is_scored_on_its_own(workdir, data, tmp_path):
+  test = data.test
+  ordered = [(0, 1), (0, 6), (6, 7), (1, 7)]
+  encoded = [images_lib.encode_png(test.images[k]) for pair in ordered for k in pair]
+  binset.write_bin(tmp_path / "good.bin", encoded, [True, False, True, False])
+
+  class Evil:
+    def __reduce__(self):
+      return (os.system, ("echo pwned",))
+
+  (tmp_path / "evil.bin").write_bytes(pickle.dumps(([Evil()], [True])))
+  (tmp_path / "cut.bin").write_bytes((tmp_path / "good.bin").read_bytes()[:40])
+  out, err = tmp_path / "out", io.StringIO()
+  status = cli.execute(options(workdir, out, "verification", num_folds=2,
+                               bins=(str(tmp_path / "evil.bin"), f"agedb={tmp_path / 'good.bin'}",
+                                     str(tmp_path / "cut.bin"))), io.StringIO(), err)
+  assert status == 1
+  written = json.loads((out / "report.json").read_text())
+  assert set(written["verification"]) == {"agedb"}  # The good set's result is kept.
+  assert [e["dataset"] for e in written["errors"]] == ["evil", "cut"]
+  lines = err.getvalue().splitlines()
+  assert len(lines) == 2 and all(line.startswith("eval.py: error: verification set ")
+                                 for line in lines)
+  assert "posix.system" in lines[0] or "os.system" in lines[0] or "system" in lines[0]
+  assert "not a readable pickle" in lines[1]
+  # Only bad sets: the report still says why, the exit status is 1.
+  assert cli.execute(options(workdir, tmp_path / "none", "verification",
+                             bins=(str(tmp_path / "evil.bin"),)), io.StringIO(),
+                     io.StringIO()) == 1
+
+
+def test_input_errors_are_one_line_that_names_the_fix(workdir, data, tmp_path):
+  for k in range(2):
+    save_image(tmp_path / "fgnet" / f"001A{k + 2:02d}.JPG", data.test.images[k])
+  (tmp_path / "numbered.txt").write_text("1 001A02.JPG 001A03.JPG 1\n")
+  cases = [
+      ({"protocol": "age", "folder": str(tmp_path / "fgnet")}, "--folder_format=fgnet"),
+      ({"protocol": "verification", "pair_list": str(tmp_path / "numbered.txt"),
+        "pair_format": "generic"}, "--pair_format=numbered"),
+      ({"protocol": "identification,age", "folder": str(tmp_path / "fgnet")},
+       "give --folder_format"),
+      ({"protocol": "identification", "gallery": str(tmp_path / "numbered.txt"),
+        "probe": str(tmp_path / "numbered.txt"), "gallery_subset": ""},
+       "--gallery_subset selects subfolders of an identity folder, but --gallery="),
+  ]
+  for kwargs, hint in cases:
+    protocol = kwargs.pop("protocol")
+    err = io.StringIO()
+    assert cli.execute(options(workdir, tmp_path / "out", protocol, **kwargs), io.StringIO(),
+                       err) == 1
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("eval.py: error: "), lines
+    assert hint in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("removed", ["_METADATA", "meta"])
+def test_checkpoint_without_metadata_is_one_line(workdir, tmp_path, removed):
+  broken = tmp_path / "broken"
+  shutil.copytree(workdir, broken)
+  doomed = list((broken / "checkpoints" / "1").rglob(removed))
+  assert doomed, sorted(str(p) for p in (broken / "checkpoints").rglob("*"))
+  for path in doomed:
+    if path.is_dir():
+      shutil.rmtree(path)
+    else:
+      path.unlink()
+  err = io.StringIO()
+  assert cli.execute(options(broken, tmp_path / "out", "age", synthetic=True,
+                             **SYNTHETIC_FLAGS), io.StringIO(), err) == 1
+  lines = err.getvalue().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("eval.py: error: "), err.getvalue()[-2000:]
+  assert "checkpoint" in lines[0]
+
+
+def test_leave_one_person_out_and_whole_identity_thinning(workdir, data, tmp_path):
+  people = [np.flatnonzero(data.test.ids == i) for i in np.unique(data.test.ids)[:4]]
+  for p, person in enumerate(people):
+    for k in range(p + 2):  # 2, 3, 4 and 5 images.
+      save_image(tmp_path / "fgnet" / f"{p + 1:03d}A{k + 10:02d}.JPG",
+                 data.test.images[person[k]])
+  folder = str(tmp_path / "fgnet")
+  loio = cli.run(options(workdir, tmp_path / "loio", "identification", folder=folder))
+  lopo = cli.run(options(workdir, tmp_path / "lopo", "identification", folder=folder,
+                         identification="lopo"))
+  by_image, by_person = loio["identification"]["fgnet"], lopo["identification"]["fgnet"]
+  assert by_person.rank_accuracies == by_image.rank_accuracies  # A fixed model: same ranks.
+  assert by_person.num_probes == 14 and by_person.num_persons == 4
+  assert set(by_person.mean_person_accuracies) == {"rank_1", "rank_5"}
+  assert lopo["datasets"]["fgnet"]["identification"] == "leave-one-person-out"
+  # 7 faces: whole identities only (2 + 5 or 3 + 4), every probe keeps a match.
+  thinned = cli.run(options(workdir, tmp_path / "thin", "identification", folder=folder,
+                            max_images=7))
+  result, entry = thinned["identification"]["fgnet"], thinned["datasets"]["fgnet"]
+  assert result.num_skipped == 0 and result.num_probes == entry["num_faces"] <= 7
+  assert entry["num_identities"] == 2  # Any first identity leaves room for one more.

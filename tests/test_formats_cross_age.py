@@ -11,7 +11,7 @@ from mtlface_jax import input_pipeline
 from mtlface_jax.formats import images
 from mtlface_jax.formats import lists
 from mtlface_jax.formats import recordio
-from mtlface_jax.formats import report as report_lib
+from mtlface_jax.formats import parse_report
 
 
 def _write(path: Path, text: str) -> Path:
@@ -226,7 +226,7 @@ def test_shortened_idx_is_an_error_or_a_counted_skip(rec_file, dropped):
       reader.image_indices()
     with pytest.raises(ValueError, match="train.idx indexes 7"):
       list(recordio.iter_images(reader))
-    report = report_lib.ParseReport()
+    report = parse_report.ParseReport()
     got = [i for i, _, _ in recordio.iter_images(reader, skip_bad_examples=True,
                                                  report=report)]
   assert got == [i for i in (1, 2, 3, 4) if i not in dropped]

@@ -5,10 +5,16 @@ function (e.g. ``runner.embed_fn``). On a :class:`runner.ModelRunner` (each
 returns the library's result object):
   * :func:`verify_pairs` / :func:`verify_bin` / :func:`verify_synthetic`:
     the 10-fold verification protocol (``verification.evaluate_verification``);
-  * :func:`identify_leave_one_out` / :func:`identify_gallery_probe`: rank-k;
+  * :func:`identify_set` (leave-one-image-out :func:`identify_leave_one_out`
+    or leave-one-person-out :func:`identify_leave_one_person_out`) and
+    :func:`identify_gallery_probe`: rank-k;
   * :func:`estimate_age`: MAE, group accuracy, CS(5);
   * :func:`face_age_synthesis`: every input synthesized into every age group,
     scored for age accuracy and identity preservation, with PNG grids.
+
+The file-based protocols take an optional :class:`EmbeddingCache`: one cache
+shared by every protocol and set of a run decodes and embeds each distinct
+``(image file, crop)`` once.
 
 :func:`as_loaded` opens a model from a path, a ``LoadedModel`` or a training
 run's in-process variables. The recipes' held-out evaluation (the demo's
@@ -29,7 +35,6 @@ from mtlface_jax.evaluation import age as age_lib
 from mtlface_jax.evaluation import datasets
 from mtlface_jax.evaluation import fas as fas_lib
 from mtlface_jax.evaluation import identification
-from mtlface_jax.evaluation import report as report_lib
 from mtlface_jax.evaluation import runner
 from mtlface_jax.evaluation import verification
 from mtlface_jax.formats import binset
@@ -37,8 +42,117 @@ from mtlface_jax.formats import images as images_lib
 from mtlface_jax.formats import lists
 
 # --------------------------------------------------------------------------- #
-# Protocols.
+# Embedding each image file once per run.
 # --------------------------------------------------------------------------- #
+
+
+class EmbeddingCache:
+  """Embeds (and age-estimates) each distinct image file once per run.
+
+  Several pair lists, a folder scored for identification and for age, and a
+  gallery/probe split of one folder often share images; a run that scores
+  them all decodes and embeds each ``(file, crop)`` once. Entries are keyed
+  by the absolute path and :func:`datasets.crop_key`, so the same file under
+  two crops is two entries.
+
+  Args:
+    model: the runner.
+    with_age: also keep age estimates (one pass through the encoder and the
+      age estimator; use it when the run estimates ages), else embeddings
+      only (the encoder alone).
+  """
+
+  def __init__(self, model: runner.ModelRunner, with_age: bool = False):
+    self.model = model
+    self.with_age = with_age
+    self._rows: dict[tuple[str, str], int] = {}
+    self._shapes: dict[tuple[str, str], Optional[tuple[int, int]]] = {}
+    self._parts: list[dict[str, np.ndarray]] = []
+    self._joined: Optional[dict[str, np.ndarray]] = None
+    self.num_requested = 0
+
+  def stats(self) -> dict[str, int]:
+    """``{'images_embedded', 'images_requested'}``: distinct vs. asked for."""
+    return {"images_embedded": len(self._rows), "images_requested": self.num_requested}
+
+  def encode(self, paths: Sequence[str], lfw_style: bool = False,
+             crop: Optional[images_lib.CropBox] = None, need_age: bool = False,
+             description: str = "embedding") -> dict[str, np.ndarray]:
+    """Embeddings (and ages) of image files, computing only the new ones.
+
+    Args:
+      paths: image files (repeats allowed).
+      lfw_style: the fixed LFW crop.
+      crop: a face box cut out first.
+      need_age: also return ``'age'`` and ``'group'`` (needs ``with_age``).
+      description: progress bar label.
+
+    Returns:
+      ``{'embedding': [N, D]}`` plus ``'age'`` [N] and ``'group'`` [N] with
+      ``need_age``, rows in the order of ``paths``.
+
+    Raises:
+      ImageDecodeError / ValueError: naming a missing or corrupt file, or a
+        crop that does not fit it.
+    """
+    if need_age and not self.with_age:
+      raise ValueError("this cache keeps no ages; make it with with_age=True")
+    if not len(paths):
+      raise ValueError("no image files to embed")
+    cut = datasets.crop_key(lfw_style, crop)
+    keys = [(os.path.abspath(p), cut) for p in paths]
+    self.num_requested += len(keys)
+    new = list(dict.fromkeys(k for k in keys if k not in self._rows))
+    if new:
+      self._compute(new, lfw_style, crop, description)
+    rows = np.asarray([self._rows[k] for k in keys], np.int64)
+    return {name: values[rows] for name, values in self._arrays().items()
+            if need_age or name == "embedding"}
+
+  def shape_tally(self, paths: Sequence[str], lfw_style: bool = False,
+                  crop: Optional[images_lib.CropBox] = None) -> images_lib.ShapeTally:
+    """Counts the cached files that were not square or not 112x112 before the resize."""
+    cut = datasets.crop_key(lfw_style, crop)
+    return datasets.shape_tally((p, self._shapes.get((os.path.abspath(p), cut)))
+                                for p in paths)
+
+  def _compute(self, keys, lfw_style, crop, description) -> None:
+    """Decodes and runs the model over ``keys`` (new entries), in batches."""
+    def faces():
+      for key in keys:
+        face, shape = datasets.decode_face(key[0], lfw_style, crop)
+        self._shapes[key] = shape
+        yield datasets.to_model_input(images_lib.resize_image(face, self.model.image_size))
+
+    if self.with_age:
+      out = self.model.estimate_ages(faces(), total=len(keys), description=description)
+    else:
+      out = {"embedding": self.model.embed(faces(), total=len(keys),
+                                           description=description)}
+    start = len(self._rows)
+    self._rows.update((key, start + i) for i, key in enumerate(keys))
+    self._parts.append(out)
+    self._joined = None
+
+  def _arrays(self) -> dict[str, np.ndarray]:
+    if self._joined is None:
+      self._joined = {name: np.concatenate([p[name] for p in self._parts])
+                      for name in self._parts[0]}
+    return self._joined
+
+
+def face_set_outputs(cache: EmbeddingCache, faces: datasets.FaceSet,
+                     need_age: bool = False) -> dict[str, np.ndarray]:
+  """A FaceSet's embeddings (and ages): files through the cache, arrays directly."""
+  faces.check_files()
+  if faces.paths is not None:
+    return cache.encode(faces.paths, faces.lfw_style, faces.crop, need_age, faces.name)
+  model = cache.model
+  if need_age:
+    return model.estimate_ages(faces.faces(model.image_size), total=len(faces),
+                               description=faces.name)
+  return {"embedding": model.embed(faces.faces(model.image_size), total=len(faces),
+                                   description=faces.name)}
 
 
 # --------------------------------------------------------------------------- #
@@ -177,7 +291,8 @@ def score_bin(embed_fn: runner.EmbedFn,
 
 
 def verify_pairs(model: runner.ModelRunner, pairs, lfw_style: bool = False,
-                 eval_folds=None) -> verification.VerificationResult:
+                 eval_folds=None, crop: Optional[images_lib.CropBox] = None,
+                 cache: Optional[EmbeddingCache] = None) -> verification.VerificationResult:
   """Verification on parsed pairs (LFW, generic or numbered lists).
 
   Args:
@@ -185,6 +300,8 @@ def verify_pairs(model: runner.ModelRunner, pairs, lfw_style: bool = False,
     pairs: ``formats.lists.FacePair`` entries.
     lfw_style: apply the fixed LFW crop (raw deep-funneled LFW images).
     eval_folds: fold LABELS to evaluate (see ``datasets.resolve_eval_folds``).
+    crop: a face box cut out of every image first.
+    cache: embeds each image once per run (default: a cache of this call).
 
   Returns:
     The verification result.
@@ -193,9 +310,16 @@ def verify_pairs(model: runner.ModelRunner, pairs, lfw_style: bool = False,
     # Unselected folds play no part in the protocol: do not embed their images.
     wanted = set(int(f) for f in eval_folds)
     pairs = [p for p in pairs if p.fold in wanted] or pairs  # Empty: let the protocol say why.
-  return score_pair_list(model.embed_fn(), pairs, model.batch_size, lfw_style,
-                                 eval_folds, model.sharding, model.progress,
-                                 image_size=model.image_size)
+  if not pairs:
+    raise ValueError("the pair list is empty")
+  datasets.check_pair_files(pairs)
+  cache = cache or EmbeddingCache(model)
+  paths = [p.path1 for p in pairs] + [p.path2 for p in pairs]
+  embeddings = cache.encode(paths, lfw_style, crop, description="pairs")["embedding"]
+  issame = np.asarray([p.issame for p in pairs], bool)
+  return verification.evaluate_verification(
+      issame, embeddings[:len(pairs)], embeddings[len(pairs):],
+      folds=datasets.pair_folds(pairs), eval_folds=eval_folds)
 
 
 def verify_bin(model: runner.ModelRunner, path, num_folds: int = 10,
@@ -236,30 +360,60 @@ def verify_synthetic(model: runner.ModelRunner, data, eval_folds=None,
                                             eval_folds=eval_folds)
 
 
-def identify_leave_one_out(model: runner.ModelRunner,
-                           faces: datasets.FaceSet) -> identification.IdentificationResult:
+IDENTIFICATION_METHODS = ("loio", "lopo")
+
+
+def identify_leave_one_out(model: runner.ModelRunner, faces: datasets.FaceSet,
+                           cache: Optional[EmbeddingCache] = None
+                           ) -> identification.IdentificationResult:
   """Leave-one-image-out rank-1/rank-5 (the FG-NET protocol) on a labelled set."""
-  faces.check_files()
-  embeddings = model.embed(faces.faces(model.image_size), total=len(faces),
-                           description=faces.name)
+  embeddings = face_set_outputs(cache or EmbeddingCache(model), faces)["embedding"]
   return identification.leave_one_out_identification(embeddings, faces.ids)
 
 
+def identify_leave_one_person_out(model: runner.ModelRunner, faces: datasets.FaceSet,
+                                  cache: Optional[EmbeddingCache] = None
+                                  ) -> identification.PersonFoldResult:
+  """Leave-one-person-out rank-k on a labelled set (one fold per person).
+
+  The embedding model is fixed (trained on other people), so the pooled
+  accuracies equal leave-one-image-out's; the result adds each person's
+  accuracy averaged over persons (``mean_person_accuracies``), so a person
+  with many photos counts once (see
+  ``identification.leave_one_person_out_identification``).
+  """
+  embeddings = face_set_outputs(cache or EmbeddingCache(model), faces)["embedding"]
+  return identification.leave_one_person_out_identification(embeddings, faces.ids)
+
+
+def identify_set(model: runner.ModelRunner, faces: datasets.FaceSet, method: str = "loio",
+                 cache: Optional[EmbeddingCache] = None):
+  """Identification within one labelled set: "loio" (per image) or "lopo" (per person)."""
+  if method not in IDENTIFICATION_METHODS:
+    raise ValueError(f"identification must be one of {IDENTIFICATION_METHODS}, got "
+                     f"{method!r}")
+  if method == "lopo":
+    return identify_leave_one_person_out(model, faces, cache)
+  return identify_leave_one_out(model, faces, cache)
+
+
 def identify_gallery_probe(model: runner.ModelRunner, gallery: datasets.FaceSet,
-                           probe: datasets.FaceSet) -> identification.IdentificationResult:
+                           probe: datasets.FaceSet,
+                           cache: Optional[EmbeddingCache] = None
+                           ) -> identification.IdentificationResult:
   """Rank-1/rank-5 of every probe face against the gallery."""
+  cache = cache or EmbeddingCache(model)
   gallery.check_files()
   probe.check_files()
-  gallery_embeddings = model.embed(gallery.faces(model.image_size), total=len(gallery),
-                                   description=f"gallery {gallery.name}")
-  probe_embeddings = model.embed(probe.faces(model.image_size), total=len(probe),
-                                 description=f"probe {probe.name}")
+  gallery_embeddings = face_set_outputs(cache, gallery)["embedding"]
+  probe_embeddings = face_set_outputs(cache, probe)["embedding"]
   return identification.gallery_probe_identification(gallery_embeddings, gallery.ids,
                                                      probe_embeddings, probe.ids)
 
 
 def estimate_age(model: runner.ModelRunner, faces: datasets.FaceSet,
-                 group_from: str = "head", cs_years: float = 5.0) -> age_lib.AgeResult:
+                 group_from: str = "head", cs_years: float = 5.0,
+                 cache: Optional[EmbeddingCache] = None) -> age_lib.AgeResult:
   """Age estimation metrics (MAE, group accuracy, CS) on faces with known ages.
 
   Args:
@@ -268,15 +422,17 @@ def estimate_age(model: runner.ModelRunner, faces: datasets.FaceSet,
     group_from: group prediction: "head" (the group classifier) or "age"
       (the group of the expected age).
     cs_years: the cumulative score's tolerance.
+    cache: an age-keeping :class:`EmbeddingCache` to share (else one of
+      this call).
 
   Returns:
     The age result.
   """
   if not (faces.ages >= 0).any():
     raise ValueError(f"{faces.name} ({faces.source}) has no face with a known age")
-  faces.check_files()
-  estimates = model.estimate_ages(faces.faces(model.image_size), total=len(faces),
-                                  description=faces.name)
+  if cache is None or not cache.with_age:
+    cache = EmbeddingCache(model, with_age=True)
+  estimates = face_set_outputs(cache, faces, need_age=True)
   groups = runner.estimated_groups(estimates, model.num_groups, group_from)
   return age_lib.age_metrics(estimates["age"], faces.ages, model.num_groups,
                              predicted_groups=groups, cs_years=cs_years)

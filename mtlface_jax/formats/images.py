@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
-from mtlface_jax.formats import report as report_lib
+from mtlface_jax.formats import parse_report
 
 FACE_SIZE = 112  # Side of the aligned ArcFace-style faces everything uses.
 # LFW deep-funneled images are 250x250 with the face in the centre; a central
@@ -79,7 +79,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def load_image_or_skip(path: str | os.PathLike,
-                       report: report_lib.ParseReport) -> np.ndarray | None:
+                       report: parse_report.ParseReport) -> np.ndarray | None:
   """Like :func:`load_image` but counts a bad file in ``report``.
 
   Args:

@@ -2,7 +2,7 @@
 
 Every parser returns ``(entries, report)``: the parsed :class:`FaceRecord` or
 :class:`FacePair` entries and a
-:class:`~mtlface_jax.formats.report.ParseReport`.
+:class:`~mtlface_jax.formats.parse_report.ParseReport`.
 A bad entry raises ``ValueError`` naming ``file:line`` (or the file), or, with
 ``skip_bad_examples=True``, is skipped and counted in the report.
 
@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from mtlface_jax import ages as ages_lib
-from mtlface_jax.formats import report as report_lib
+from mtlface_jax.formats import parse_report
 
 # Ages above this are label errors; the same range training accepts.
 MAX_AGE = ages_lib.MAX_AGE
@@ -36,7 +36,7 @@ _FGNET_NAME = re.compile(r"^(\d+)a(\d+)([a-z]?)\.\w+$", re.IGNORECASE)
 _UTKFACE_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_(\d+)((?:\.jpg\.chip)?\.jpg)$",
                            re.IGNORECASE)
 
-Report = report_lib.ParseReport
+Report = parse_report.ParseReport
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,7 +316,7 @@ def parse_mtlface_list(list_path: str | os.PathLike,
       if check_files and not os.path.isfile(path):
         raise ValueError(f"image file {path} not found")
     except ValueError as e:
-      report_lib.handle_bad_entry(where, str(e), skip_bad_examples, report)
+      parse_report.handle_bad_entry(where, str(e), skip_bad_examples, report)
       continue
     records.append(FaceRecord(path, label, age, gender, source=where))
     report.add_ok()
@@ -407,7 +407,7 @@ def parse_lfw_pairs(pairs_path: str | os.PathLike,
       path1, path2 = _parse_lfw_line(fields, matched, image_root)
       _check_pair_files(check_files, path1, path2)
     except ValueError as e:
-      report_lib.handle_bad_entry(
+      parse_report.handle_bad_entry(
           where, _with_format_hint(str(e), fields, "lfw"), skip_bad_examples,
           report)
       continue
@@ -473,7 +473,7 @@ def parse_pair_list(list_path: str | os.PathLike,
       path1, path2 = (_join(image_root, f) for f in fields[:2])
       _check_pair_files(check_files, path1, path2)
     except ValueError as e:
-      report_lib.handle_bad_entry(
+      parse_report.handle_bad_entry(
           where, _with_format_hint(str(e), fields, "generic"),
           skip_bad_examples, report)
       continue
@@ -529,7 +529,7 @@ def parse_numbered_pairs(list_path: str | os.PathLike,
       _check_pair_files(check_files, path1, path2)
       pair = FacePair(path1, path2, _parse_same(fields[3]), -1, where)
     except ValueError as e:
-      report_lib.handle_bad_entry(
+      parse_report.handle_bad_entry(
           where, _with_format_hint(str(e), fields, "numbered"),
           skip_bad_examples, report)
       continue
@@ -648,7 +648,7 @@ def parse_utkface_folder(folder: str | os.PathLike, *,
     try:
       age, gender, _ = parse_utkface_name(path.name, max_age)
     except ValueError as e:
-      report_lib.handle_bad_entry(str(path), str(e), skip_bad_examples, report)
+      parse_report.handle_bad_entry(str(path), str(e), skip_bad_examples, report)
       continue
     records.append(FaceRecord(str(path), -1, float(age), gender,
                               source=str(path)))
@@ -675,7 +675,7 @@ def parse_fgnet_folder(folder: str | os.PathLike, *,
     try:
       person, age = parse_fgnet_name(path.name)
     except ValueError as e:
-      report_lib.handle_bad_entry(str(path), str(e), skip_bad_examples, report)
+      parse_report.handle_bad_entry(str(path), str(e), skip_bad_examples, report)
       continue
     records.append(FaceRecord(str(path), person, float(age), -1,
                               source=str(path)))
@@ -693,7 +693,7 @@ def _report_loose_files(root: Path, skip_bad_examples: bool,
                         report: Report) -> None:
   """Images directly in ``root`` have no label folder: a bad entry each."""
   for path in list_image_files(root):
-    report_lib.handle_bad_entry(str(path), "image is not inside a label folder",
+    parse_report.handle_bad_entry(str(path), "image is not inside a label folder",
                                 skip_bad_examples, report)
 
 
@@ -759,7 +759,7 @@ def parse_identity_folders(root: str | os.PathLike, *,
   for label, name in enumerate(names):
     for path, subset in _images_below(root / name):
       if subset and nested == "refuse":
-        report_lib.handle_bad_entry(
+        parse_report.handle_bad_entry(
             str(path), f"image is in subfolder {subset!r} of identity folder "
             f"{name!r} (nested folders refused)", skip_bad_examples, report)
         continue
@@ -838,7 +838,7 @@ def parse_age_folders(root: str | os.PathLike, *,
         raise ValueError("an age folder cannot be -1")
     except ValueError as e:
       for path in files or [folder]:
-        report_lib.handle_bad_entry(str(path), f"bad age folder: {e}",
+        parse_report.handle_bad_entry(str(path), f"bad age folder: {e}",
                                     skip_bad_examples, report)
       continue
     records.extend(

@@ -35,7 +35,7 @@ import numpy as np
 
 from mtlface_jax.formats import images as images_lib
 from mtlface_jax.formats import lists as lists_lib
-from mtlface_jax.formats import report as report_lib
+from mtlface_jax.formats import parse_report
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -430,7 +430,7 @@ class RecordIOReader:
     return [k for k in range(id_range[1]) if k not in self._offsets]
 
   def image_indices(self, skip_bad_examples: bool = False,
-                    report: report_lib.ParseReport | None = None
+                    report: parse_report.ParseReport | None = None
                     ) -> list[int]:
     """Indices of the image records.
 
@@ -457,7 +457,7 @@ class RecordIOReader:
           "it the .rec is scanned) or skip the missing records with "
           "skip_bad_examples")
     for index in missing:
-      report_lib.handle_bad_entry(
+      parse_report.handle_bad_entry(
           f"{self.rec_path}: record {index}",
           f"not in {self.idx_path} (record 0 says {id_range[1]} records exist)",
           skip_bad_examples, report)
@@ -491,7 +491,7 @@ def image_label(header: IRHeader) -> int:
 def iter_images(reader: RecordIOReader,
                 indices: Iterable[int] | None = None,
                 skip_bad_examples: bool = False,
-                report: report_lib.ParseReport | None = None
+                report: parse_report.ParseReport | None = None
                 ) -> Iterator[tuple[int, int, np.ndarray]]:
   """Yields ``(index, label, RGB image)`` for image records.
 
@@ -505,14 +505,14 @@ def iter_images(reader: RecordIOReader,
   Yields:
     ``(record index, identity label, [H, W, 3] uint8 image)``.
   """
-  report = report if report is not None else report_lib.ParseReport()
+  report = report if report is not None else parse_report.ParseReport()
   if indices is None:
     indices = reader.image_indices(skip_bad_examples, report)
   for index in indices:
     try:
       header, image = reader.read_image(index)
     except (RecordIOError, KeyError) as e:
-      report_lib.handle_bad_entry(f"{reader.rec_path}: record {index}",
+      parse_report.handle_bad_entry(f"{reader.rec_path}: record {index}",
                                   f"unreadable record: {e}", skip_bad_examples,
                                   report)
       continue
@@ -541,10 +541,10 @@ def parse_scaf_name(name: str) -> tuple[int, int]:
 def join_scaf_list(reader: RecordIOReader,
                    records: Sequence[lists_lib.FaceRecord],
                    skip_bad_examples: bool = False,
-                   report: report_lib.ParseReport | None = None,
+                   report: parse_report.ParseReport | None = None,
                    check_labels: bool = True
                    ) -> tuple[list[lists_lib.FaceRecord],
-                              report_lib.ParseReport]:
+                              parse_report.ParseReport]:
   """Joins an annotation list with the records of a ``.rec``.
 
   The list's file names are ``LLLLLL/IIIIIIII.jpg``: the zero-padded identity
@@ -568,7 +568,7 @@ def join_scaf_list(reader: RecordIOReader,
     ValueError: naming the list entry, for a bad name, a record missing from
       the ``.idx`` or a label mismatch, unless skipping.
   """
-  report = report if report is not None else report_lib.ParseReport()
+  report = report if report is not None else parse_report.ParseReport()
   joined = []
   for record in records:
     where = record.source or record.path
@@ -583,7 +583,7 @@ def join_scaf_list(reader: RecordIOReader,
               f"record {index} of {reader.rec_path} has label {stored}, "
               f"the name says {label}")
     except ValueError as e:
-      report_lib.handle_bad_entry(where, str(e), skip_bad_examples, report)
+      parse_report.handle_bad_entry(where, str(e), skip_bad_examples, report)
       continue
     joined.append(dataclasses.replace(record, index=index))
     report.add_ok()
