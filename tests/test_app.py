@@ -29,7 +29,7 @@ import pytest
 
 from mtlface_jax import ages as ages_lib
 from mtlface_jax import api
-from mtlface_jax import cli
+from mtlface_jax import commands as cli
 from mtlface_jax import serve
 from mtlface_jax import synthetic
 from tests.test_eval_cli import tiny_config, write_untrained_checkpoint
@@ -266,7 +266,7 @@ def test_cli_forwards_existing_entry_points(tmp_path, photos, capsys):
   assert cli._model_as_checkpoint(["--checkpoint=a", "--model=b"]) == ["--checkpoint=a"]
   # train and eval are absl programs, run as the console script runs them.
   env = {**os.environ, "PYTHONPATH": str(REPO)}
-  command = [sys.executable, "-m", "mtlface_jax.cli"]
+  command = [sys.executable, "-m", "mtlface_jax.commands"]
   done = subprocess.run(command + ["train", "--helpshort"], capture_output=True, text=True,
                         timeout=120, cwd=REPO, env=env)
   assert "--workdir: Run directory" in done.stdout, done.stderr[-2000:]
