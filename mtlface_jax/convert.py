@@ -385,8 +385,8 @@ def tpami_generator_spec(num_groups: int = 7, style_dim: int = 512,
 
 
 def tpami_generator_meta(module: tpami_generator.TPAMIGenerator) -> dict:
-  """The TPAMIGenerator fields to rebuild it: ``TPAMIGenerator(age_group, **fields)``."""
-  return {"kind": "tpami_stylegan2", "image_size": module.image_size,
+  """The TPAMIGenerator fields to rebuild it: ``TPAMIGenerator(age_group, **fields, dtype=)``."""
+  return {"image_size": module.image_size,
           "style_dim": module.style_dim,
           "channels": None if module.channels is None else list(module.channels),
           "channel_multiplier": module.channel_multiplier,

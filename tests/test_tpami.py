@@ -227,8 +227,7 @@ def test_full_released_layout_converts_every_tensor(released):
   meta = conversion.meta
   assert meta["layout"] == "tpami" and meta["family"] == "tpami" and meta["skipped"] == 0
   assert meta["generator"]["style_dim"] == 512 and meta["generator"]["channels"] is None
-  rebuilt = tg.TPAMIGenerator(meta["age_group"], **{
-      k: v for k, v in meta["generator"].items() if k != "kind"})
+  rebuilt = tg.TPAMIGenerator(meta["age_group"], **meta["generator"])
   assert rebuilt == convert.tpami_generator_spec().module
   shapes = lambda tree: jax.tree_util.tree_map(lambda x: tuple(x.shape), tree)
   assert shapes(conversion.variables["generator"]) == shapes(released["abstract"])
