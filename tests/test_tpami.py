@@ -161,11 +161,16 @@ def test_synthesis_noise_and_bfloat16():
     explicit = synthesis.apply(variables, codes, noise=noise)
     random = synthesis.apply(variables, codes, randomize_noise=True, rngs={"noise": key})
     half = synthesis.clone(dtype=jnp.bfloat16).apply(variables, codes)
-    return buffers, explicit, random, half
+    # Differentiable end to end (issue 15 trains it): every parameter gets a gradient.
+    loss = lambda p: jnp.sum(jnp.square(synthesis.apply({**variables, "params": p}, codes)))
+    grads = jax.grad(loss)(variables["params"])
+    return buffers, explicit, random, half, grads
 
-  buffers, explicit, random_a, half = run(variables, codes, jax.random.PRNGKey(2))
-  _, _, random_again, _ = run(variables, codes, jax.random.PRNGKey(2))
-  _, _, random_b, _ = run(variables, codes, jax.random.PRNGKey(3))
+  buffers, explicit, random_a, half, grads = run(variables, codes, jax.random.PRNGKey(2))
+  _, _, random_again, _, _ = run(variables, codes, jax.random.PRNGKey(2))
+  _, _, random_b, _, _ = run(variables, codes, jax.random.PRNGKey(3))
+  norms = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda g: float(jnp.abs(g).max()), grads))
+  assert len(norms) == 1 + 5 + 4 + 2 * (5 + 5 + 4) and min(norms) > 0  # input, conv1, to_rgb1, 2 levels
   assert half.dtype == jnp.bfloat16
   assert relative_error(half.astype(jnp.float32), buffers) < 0.05
   np.testing.assert_array_equal(explicit, buffers)
