@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from torch_reference import mtlface_torch as ref  # noqa: E402
 from torch_reference import tpami_torch as tpami_ref  # noqa: E402
 
-# Keys of the released encoder's StyleGAN2-code branch, which is not implemented.
+# Keys of the released encoder's style path (in tpami_torch, not TPAMIRecognitionModel).
 TPAMI_AGING_PREFIXES = ("styles.", "upsample", "latlayer", "aging")
 AGE_GROUPS = 7
 
