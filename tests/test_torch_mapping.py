@@ -66,8 +66,9 @@ def test_tpami_style_path_mapping(torch_layouts):
   """The released encoder's style path (231 tensors, 27 of them router constants)."""
   layout = torch_layouts["tpami2022_released"]["encoder"]
   style_prefixes = ("styles.", "aging", "upsample", "latlayer")
-  subset = {"state_dict": [row for row in layout["state_dict"] if row[0].startswith(style_prefixes)]}
-  assert len(subset["state_dict"]) == 231
+  rows = [row for row in layout["state_dict"] if row[0].startswith(style_prefixes)]
+  assert len(rows) == 231
+  subset = {"state_dict": rows}
   generator = _init(TPAMIGenerator(), IMAGES, FEATURE(56, 56, 64), FEATURE(28, 28, 128),
                     FEATURE(14, 14, 256), FEATURE(7, 7, 512), GROUPS)
   style_vars = {"params": generator["params"]["style_encoder"]}

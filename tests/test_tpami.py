@@ -169,8 +169,9 @@ def test_synthesis_noise_and_bfloat16():
   buffers, explicit, random_a, half, grads = run(variables, codes, jax.random.PRNGKey(2))
   _, _, random_again, _, _ = run(variables, codes, jax.random.PRNGKey(2))
   _, _, random_b, _, _ = run(variables, codes, jax.random.PRNGKey(3))
-  norms = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda g: float(jnp.abs(g).max()), grads))
-  assert len(norms) == 1 + 5 + 4 + 2 * (5 + 5 + 4) and min(norms) > 0  # input, conv1, to_rgb1, 2 levels
+  norms = [float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads)]
+  # input, conv1, to_rgb1, then two levels of (StyledConv x 2, ToRGB).
+  assert len(norms) == 1 + 5 + 4 + 2 * (5 + 5 + 4) and min(norms) > 0
   assert half.dtype == jnp.bfloat16
   assert relative_error(half.astype(jnp.float32), buffers) < 0.05
   np.testing.assert_array_equal(explicit, buffers)
