@@ -257,14 +257,18 @@ class StyledConv(nn.Module):
 
 
 class ToRGB(nn.Module):
-  """1x1 modulated conv to RGB (no demodulation) + bias, plus the upsampled skip."""
+  """1x1 modulated conv to RGB (no demodulation) + bias, plus the upsampled skip.
+
+  The 3-channel skip path is accumulated in float32 whatever ``dtype`` (it is
+  the image, and cheap), so bfloat16 compute does not round the sum per level.
+  """
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, w: Array, skip: Optional[Array] = None) -> Array:
     out = ModulatedConv2d(3, 1, demodulate=False, dtype=self.dtype, name="conv")(x, w)
     bias = self.param("bias", nn.initializers.zeros, (1, 1, 1, 3), jnp.float32)
-    out = out + bias.astype(out.dtype)
+    out = out.astype(jnp.float32) + bias
     if skip is not None:
       out = out + upfirdn2d(skip, up=2, pad=(2, 1), gain=4.0)
     return out
@@ -354,7 +358,7 @@ class SynthesisNetwork(nn.Module):
         instead of using the buffers (ignored when ``noise`` is given).
 
     Returns:
-      [B, size, size, 3] images (unbounded, in ``dtype``).
+      [B, size, size, 3] float32 images (unbounded).
     """
     widths = self.widths()
     if latents.shape[1] != num_latents(self.size):
