@@ -94,6 +94,9 @@ def test_unexpected_keys_tolerated_on_request(small_modules):
   conversion = convert.convert_cvpr({"head": head}, allow_unexpected=True)
   assert conversion.report.unexpected == ["head: bias"]
   assert "unexpected keys (1): head: bias" in conversion.report.summary()
+  assert conversion.report.summary().endswith(
+      "2 tensors read: 1 converted, 0 constant buffers checked, "
+      "0 BatchNorm counters (num_batches_tracked) not needed; 1 skipped")
 
 
 def _zeros_state_dict(spec):
@@ -122,13 +125,18 @@ def test_tpami_requires_encoder_and_checks_expectation(small_modules):
   released = {f"age_estimator.{k}": v for k, v in state_dicts["age"].items()}
   released["age_estimator.expectation"] = np.arange(101, dtype=np.float32) + 1
   released["decoder.latent_avg"] = np.zeros((1, 1, 512), np.float32)
+  released["encoder.aging2.router._unit_mapping"] = np.zeros((7, 400), np.float32)
   with pytest.raises(convert.ConversionError) as error:
     convert.convert_tpami(released, "released.pth")
   message = str(error.value)
   assert "missing: released.pth: encoder.input_layer.0.weight" in message
   assert "encoder.fsm.channel.0.weight" in message
   assert "unexpected value: released.pth: age_estimator.expectation" in message
-  assert "decoder.latent_avg" not in message  # Known and skipped, not an error.
+  # Part of the ageing branch means all of it is expected: the rest is named.
+  assert "missing: released.pth: decoder.decoder.noises.noise_10" in message
+  assert "missing: released.pth: encoder.styles.11.linear.weight" in message
+  assert "unexpected value: released.pth: encoder.aging2.router._unit_mapping" in message
+  assert "decoder.latent_avg" not in message  # Present and of the right shape.
 
 
 def test_infer_num_layers_and_groups():
