@@ -1,7 +1,7 @@
 """Age-group definitions shared by models, data pipelines and evaluation.
 
 MTLFace bins ages into groups by thresholds: a sample's group is the number of
-thresholds strictly below its age (reference: ``ARCHITECTURE.md`` section 4).
+thresholds strictly below its age (reference: docs/architecture.md section 4).
 """
 
 from typing import Sequence

@@ -1,6 +1,6 @@
 """Converts PyTorch MTLFace weights to Flax variables and an orbax checkpoint.
 
-Two source layouts (``../shared/reference/torch_layouts.json``):
+Two source layouts (docs/architecture.md sections 1-8 and 10):
 
 * ``cvpr``: the CVPR 2021 training code, one ``state_dict`` file per module as
   its logger saves them (``backbone-<iter>``, ``head-<iter>``,

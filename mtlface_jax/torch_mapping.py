@@ -1,7 +1,7 @@
 """The mapping between Flax variables and PyTorch ``state_dict`` keys.
 
 Every Flax leaf of the MTLFace modules corresponds to exactly one PyTorch tensor
-(``../shared/reference/torch_layouts.json``) through one of a few layout
+(``tests/fixtures/torch_layouts.json``) through one of a few layout
 transforms, so weight conversion is mechanical:
 
 ==================  ==========================================  ===========================

@@ -29,7 +29,7 @@ AGE_GROUPS = 7
 
 @pytest.fixture(scope="module")
 def layouts(torch_layouts):
-  """``../shared/reference/torch_layouts.json`` (conftest skips when absent)."""
+  """``tests/fixtures/torch_layouts.json`` (vendored; read by conftest)."""
   return torch_layouts
 
 

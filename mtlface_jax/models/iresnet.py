@@ -1,6 +1,6 @@
 """IR (improved residual) backbones IR-34/50/64/101 with AFD and embedding head.
 
-Reference: ARCHITECTURE.md sections 1-3. The encoder returns its intermediates
+Reference: docs/architecture.md sections 1-3. The encoder returns its intermediates
 as an :class:`EncoderOutputs` structure; the FAS generator consumes x2..x4 and
 x_id from it, the age estimator x_age.
 """

@@ -1,6 +1,6 @@
 """Pure training steps ``(state, batch, rng) -> (state, metrics)``.
 
-The AIFR step (ARCHITECTURE.md section 6), the FAS step (section 9: D first,
+The AIFR step (docs/architecture.md section 6), the FAS step (section 9: D first,
 then G against the updated D, encoder and age estimator frozen in inference
 mode) and the joint step (AIFR then FAS with the current encoder). A step
 whose loss or gradients are not finite leaves every variable and optimizer

@@ -1,8 +1,8 @@
-"""PyTorch modules (NCHW) of MTLFace, written from ``ARCHITECTURE.md``.
+"""PyTorch modules (NCHW) of MTLFace, written from docs/architecture.md.
 
 They exist so that the JAX port can be checked against an independent
 implementation: their ``state_dict`` keys and shapes equal
-``shared/reference/torch_layouts.json`` exactly (asserted in
+``tests/fixtures/torch_layouts.json`` exactly (asserted in
 ``tests/test_torch_reference.py``), so a file saved from them has the layout of
 the published checkpoints.
 
