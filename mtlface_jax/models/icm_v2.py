@@ -1,6 +1,6 @@
 """The TPAMI identity conditional module (ICM v2, the released ``AgingModule``).
 
-Reference: ``../shared/reference/TPAMI.md`` section 1.2. Differences from the
+Reference: ``docs/architecture.md`` section T1.2. Differences from the
 CVPR ICM (:mod:`mtlface_jax.models.icm`): sigma 1/8 instead of 0.1, a unit of
 ``in_channels // 4`` channels per age group instead of 128, instance norm and
 LeakyReLU(0.2) instead of BatchNorm and PReLU, and a plain 1x1 output conv.

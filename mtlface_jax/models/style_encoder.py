@@ -1,6 +1,6 @@
 """The released TPAMI encoder's style path: IR-50 features -> 12 age-conditioned latents.
 
-Reference: ``../shared/reference/TPAMI.md`` sections 1.2 and 1.6 (the original is
+Reference: ``docs/architecture.md`` sections T1.2 and T1.6 (the original is
 ``Encoder.get_conditions`` in Hzzone/MTLFace ``python_package/mtlface/modules.py``).
 With the encoder outputs of a 112 px face (``x2`` = c1 56x56x64, ``x3`` = c2
 28x28x128, ``x4`` = c3 14x14x256, ``x_id`` 7x7x512):

@@ -1,6 +1,6 @@
 """StyleGAN2 generator with the semantics of rosinality's stylegan2-pytorch, NHWC.
 
-Reference: ``../shared/reference/TPAMI.md`` sections 1.3, 6 and 7. This is the
+Reference: ``docs/architecture.md`` sections T1.3, T6 and T7. This is the
 decoder of the released TPAMI 2022 MTLFace model (128 px, channel multiplier 2,
 style dim 512, 8 mapping layers, 12 latents).
 

@@ -1,6 +1,6 @@
 """The released TPAMI 2022 face age synthesis: style path + StyleGAN2 decoder.
 
-Reference: ``../shared/reference/TPAMI.md`` sections 1.1-1.4. The original
+Reference: ``docs/architecture.md`` sections T1.1-T1.4. The original
 (``MTLFace.aging`` in Hzzone/MTLFace ``python_package/mtlface/modules.py``)
 predicts 12 latents from the encoder's features and the target age group,
 adds ``latent_avg``, synthesises a 128 px image with a StyleGAN2 generator,

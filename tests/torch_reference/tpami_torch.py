@@ -1,6 +1,6 @@
 """PyTorch (NCHW) reference of the released TPAMI model's ageing branch.
 
-Written from ``shared/reference/TPAMI.md`` (sections 1.2-1.4 and 6): the
+Written from ``docs/architecture.md`` (sections T1.2-T1.4 and T6): the
 encoder's style path (style blocks, ICM v2, upsample blocks, lateral convs)
 and rosinality's StyleGAN2 generator as the released ``Decoder`` uses it. The
 CUDA ops of the original (``upfirdn2d``, ``fused_leaky_relu``) are replaced by
