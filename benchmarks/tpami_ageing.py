@@ -10,7 +10,7 @@ weights, after compilation and warm-up, and prints one JSON object::
 synthesising every age group repeats); ``--stage end_to_end`` (default) also
 runs the IR-50 encoder, as ageing a new face does. The work per face is about
 12.6 GFLOP (encoder) + 55.5 (style path) + 61.4 (128 px synthesis) forward
-(TPAMI.md section 1.5); ``achieved_tflops`` uses those constants.
+(docs/architecture.md section T1.5); ``achieved_tflops`` uses those constants.
 ``--model reduced`` smoke-tests the script with narrow widths (numbers meaningless).
 """
 

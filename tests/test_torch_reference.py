@@ -104,7 +104,7 @@ def test_tpami_full_model_equals_released_layout(layouts):
   assert state_layout(model.encoder) == released["encoder"]["state_dict"]
   assert state_layout(model.age_estimator) == released["age_estimator"]["state_dict"]
   assert trainable_count(model.encoder) == 229_378_076  # The BatchNorm1d scale is frozen.
-  # The decoder is not in the json; TPAMI.md section 1.1 gives its keys and counts.
+  # The decoder is not in the json; docs/architecture.md section T1.1 gives its keys and counts.
   decoder = state_layout(model.decoder)
   assert len(decoder) == 118 and decoder[0] == ["latent_avg", [1, 1, 512], "buffer"]
   assert trainable_count(model.decoder) == 29_328_669

@@ -1,6 +1,6 @@
 """The released TPAMI ageing branch: PyTorch reference vs converted Flax model.
 
-The reference (``torch_reference/tpami_torch.py``) is written from TPAMI.md with
+The reference (``torch_reference/tpami_torch.py``) is written from docs/architecture.md (part T) with
 the original's per-sample grouped convolutions and the native upfirdn2d; the
 Flax model uses the XLA forms (input scaling, output demodulation, dilated
 transposed convs, separable blur). Both run the real structure (12 style

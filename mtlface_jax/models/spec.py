@@ -37,7 +37,7 @@ BACKBONES = {"ir34": 34, "ir50": 50, "ir64": 64, "ir101": 101}
 REFERENCE_IMAGE_SIZE = 112  # The published models are defined on 112x112 faces.
 MODULES = ("encoder", "head", "age", "da_age", "generator", "discriminator")
 
-# The encoder of each family as published (ARCHITECTURE / TPAMI.md): the
+# The encoder of each family as published (docs/architecture.md sections 1 and T1.1): the
 # released TPAMI model uses attention v2, dropout 0.4 and a normalised embedding.
 ENCODER_PRESETS = {
     "cvpr": {"attention_version": 1, "dropout_rate": 0.5, "normalize_embedding": False},

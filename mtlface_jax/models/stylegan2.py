@@ -8,7 +8,7 @@ Parameters keep PyTorch's *stored* values and the equalized-learning-rate
 factors (``1/sqrt(fan_in)``, ``lr_mul``) are applied at run time, so every
 PyTorch tensor maps 1:1 to a Flax leaf and training sees the same dynamics.
 
-XLA-friendly forms (TPAMI.md section 7), mathematically identical to the
+XLA-friendly forms (docs/architecture.md section T7), mathematically identical to the
 per-sample grouped convolutions of the original:
 
 * modulation scales the *input* by ``s[b, i]``, one dense convolution with the
@@ -303,7 +303,7 @@ def noise_shapes(size: int) -> list[tuple[int, int, int, int]]:
 class SynthesisNetwork(nn.Module):
   """StyleGAN2 synthesis: constant input, styled convs, ToRGB skips; latents -> image.
 
-  Latent index use (TPAMI.md section 1.3): 0 ``conv1``; 1 ``to_rgb1``; then
+  Latent index use (docs/architecture.md section T1.3): 0 ``conv1``; 1 ``to_rgb1``; then
   per resolution 8..size the upsampling conv reads i, the second conv i + 1 and
   ToRGB i + 2, with i = 1, 3, 5, ... . Submodules are named as the PyTorch
   ones (``convs_j`` for ``convs.j``); the ``noise_i`` buffers are in the

@@ -33,7 +33,7 @@ def align_corners_matrix(out_size: int, in_size: int) -> np.ndarray:
   Output pixel d samples the input at ``d * (in - 1) / (out - 1)`` (corner
   pixels aligned, no antialiasing), as ``F.interpolate(..., align_corners=True)``.
   ``jax.image.resize`` uses half-pixel centres and differs by up to 0.37 on the
-  128 -> 112 step (TPAMI.md section 1.4).
+  128 -> 112 step (docs/architecture.md section T1.4).
   """
   # float32 coordinate arithmetic, as PyTorch's CPU kernel computes it.
   scale = np.float32((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0)
