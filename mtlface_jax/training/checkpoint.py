@@ -150,8 +150,9 @@ class Checkpointer:
   def _stored_tree(self, step: int) -> dict:
     """The stored state's structure (ArrayMetadata leaves with shapes)."""
     reader = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+        self.directory, options=ocp.CheckpointManagerOptions(create=False),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
     try:
       tree = getattr(reader.item_metadata(step).get("state"), "tree", None)
     finally:
@@ -186,7 +187,11 @@ def _check_shapes(stored: dict, target: Any, meta: dict, where: str, config: Any
   want = transfer.flatten(flax.serialization.to_state_dict(target))
   have = transfer.flatten(stored)
   problems = []
-  for path in sorted(set(want) | set(have)):
+  # The encoder first: its keys (model.depths, model.units) explain the rest.
+  order = {m: i for i, m in enumerate(("encoder", "head", "age", "da_age"))}
+  rank = lambda p: (order.get(p.split("/")[1] if p.startswith("variables/") else "", 9),
+                    "/params/" not in p, p)
+  for path in sorted(set(want) | set(have), key=rank):
     mine, theirs = want.get(path), have.get(path)
     if mine is not None and theirs is not None and tuple(mine.shape) == tuple(theirs.shape):
       continue
