@@ -95,7 +95,7 @@ class MetricWriter:
       self.write_scalars(0, {"data/skipped": len(entries), "data/ok": report.num_ok})
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       with self._summary().as_default(step=0):
-        tf.summary.text("data/skipped", "\n".join(
+        tf.summary.text("data/skipped_examples", "\n".join(
             f"    {e['location']}: {e['reason']}" for e in entries[:max_listed]) or "none")
     return summary
 
