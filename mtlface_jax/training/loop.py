@@ -75,7 +75,8 @@ def load_pretrained(state: state_lib.TrainState, path: str, mesh,
     transfer.VariableMismatchError: a shared variable that is missing or of
       another shape and not excluded, naming it, both shapes and the config
       key that decides it.
-    ValueError: a checkpoint without encoder variables (unless excluded).
+    checkpoint_io.CheckpointError: a checkpoint without encoder variables
+      (unless excluded).
   """
   exclude = tuple(config.get("init_from_exclude", ())) if config is not None else ()
   # Only the variables are read: the source run's optimizer states stay on disk.
@@ -87,7 +88,7 @@ def load_pretrained(state: state_lib.TrainState, path: str, mesh,
       target, source, exclude, config, transfer.source_config_of(meta), what)
   if not any(p.startswith("encoder/") for p in taken) and not transfer.matches_exclude(
       "encoder/params", exclude):
-    raise ValueError(f"{what}: checkpoint has no encoder variables")
+    raise checkpoint_io.CheckpointError(f"{what}: checkpoint has no encoder variables")
   flat = transfer.flatten(dict(state.variables))
   flat.update({p: sharding.replicate(v.astype(flat[p].dtype), mesh) for p, v in taken.items()})
   modules = sorted({p.split("/")[0] for p in taken})
