@@ -23,6 +23,8 @@ import logging
 import os
 from typing import Iterator, Optional
 
+import numpy as np
+
 from mtlface_jax import input_pipeline
 from mtlface_jax import synthetic
 from mtlface_jax.formats.report import ParseReport
@@ -69,6 +71,10 @@ def train_source(config) -> input_pipeline.Source:
     if report.num_skipped:
       logging.warning("%s: %s", d.list_file, report.summary())
     source = input_pipeline.source_from_records(records, skip_bad_examples=d.skip_bad_examples)
+    # Name examples by list line too, so decode errors and skips point at it.
+    line_of = {r.path: r.source for r in reversed(records)}
+    source.names = np.array([f"{line_of[n]} ({n})" if n in line_of else n for n in source.names],
+                            object)
     list_report = ParseReport(skipped=list(report.skipped))
     list_report.merge(source.report)
     source.report = list_report
@@ -192,6 +198,10 @@ class TrainBatches:
   def __next__(self) -> dict:
     batch = next(self._batches)
     return {k: batch[k] for k in self._keys}
+
+  def close(self) -> None:
+    """Stops the pipeline (its prefetching threads end with the generator)."""
+    self._batches.close()
 
 
 def train_batches(config, start_step: int) -> Iterator[dict]:
