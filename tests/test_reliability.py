@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from mtlface_jax import checkpoint_io
 from mtlface_jax import convert
 from mtlface_jax import data_sources
 from mtlface_jax import input_pipeline

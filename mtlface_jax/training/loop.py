@@ -183,11 +183,19 @@ def train(config, workdir: str | Path, batches_fn: Optional[BatchesFn] = None,
     devices: devices of the data-parallel mesh (all devices by default).
 
   Returns:
-    ``{'step', 'task', 'nonfinite_total', 'last_metrics', 'checkpoint'}``.
+    ``{'step', 'task', 'nonfinite_total', 'last_metrics', 'checkpoint',
+    'images_per_s', 'preempted', 'signal', 'skipped'}``: ``preempted`` is
+    True when SIGTERM/SIGINT stopped the run early after saving (train.py
+    exits :data:`EXIT_PREEMPTED`); ``skipped`` holds the data's skipped
+    examples (``count``, ``ok``, ``first``).
 
   Raises:
     NonFiniteLossError: after ``config.max_consecutive_nonfinite`` skipped
       steps in a row; the last good checkpoint stays on disk.
+    run_config.ResumeConfigError: a resume whose config changes the
+      computation (see :mod:`mtlface_jax.training.run_config`).
+    transfer.VariableMismatchError: ``init_from`` or a resumed checkpoint
+      whose variables do not fit this model.
   """
   if batches_fn is None:
     from mtlface_jax import data_sources  # pylint: disable=g-import-not-at-top
