@@ -17,6 +17,7 @@ changed, too many non-finite losses); 2 a bad command line.
 """
 
 import json
+import signal
 import sys
 
 from absl import app
@@ -39,6 +40,9 @@ def main(argv):
   distributed.maybe_initialize(_MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value)
   from mtlface_jax.training import loop  # pylint: disable=g-import-not-at-top
+  # Until the loop takes over: a stop during start-up saves after the first step.
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, loop.early_stop_handler)
   try:
     summary = loop.train(_CONFIG.value, _WORKDIR.value)
   except loop.user_errors() as error:

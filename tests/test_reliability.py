@@ -192,6 +192,15 @@ def test_interrupt_fallback_resume_and_metrics_once(tmp_path, caplog):
   assert json.loads((tmp_path / "config.json").read_text())["num_iter"] == 4
 
 
+def test_a_stop_requested_during_start_up_saves_the_first_step(tmp_path):
+  # What train.py's early handler does for a SIGTERM while restoring/compiling.
+  loop.request_stop("SIGTERM")
+  summary = loop.train(_config(num_iter=4, checkpoint_every=4), tmp_path,
+                       batches_fn=training_utils.fake_batches)
+  assert summary["step"] == 1 and summary["preempted"] and loop.exit_code(summary) == 75
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+
+
 def _write_faces(root: Path, count: int, size: int = 48) -> list[str]:
   from PIL import Image  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)

@@ -105,6 +105,30 @@ def load_pretrained(state: state_lib.TrainState, path: str, mesh,
 EXIT_PREEMPTED = 75
 EXIT_FINISHED = 0
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A stop requested before the loop's own handlers are installed (train.py
+# catches signals from its start: compiling can take minutes).
+_PENDING_STOP: list[str] = []
+
+
+def request_stop(signal_name: str) -> None:
+  """Asks the next (or running) training loop to save after its step and stop.
+
+  train.py's early signal handler calls this, so a SIGTERM during start-up
+  (restoring, compiling) still ends in a saved step and exit 75.
+  """
+  _PENDING_STOP.append(signal_name)
+
+
+def early_stop_handler(signum, frame) -> None:
+  """A signal handler for start-up: the first signal requests a stop, a second interrupts."""
+  del frame
+  if _PENDING_STOP:
+    for sig in _STOP_SIGNALS:
+      signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
+    raise KeyboardInterrupt(f"second {signal.Signals(signum).name} during start-up")
+  logging.warning("%s during start-up: will save after the first step and stop (send again to "
+                  "stop at once)", signal.Signals(signum).name)
+  request_stop(signal.Signals(signum).name)
 
 
 @contextlib.contextmanager
@@ -114,7 +138,8 @@ def _stop_flag():
   The loop then saves and stops. A second signal of either kind restores the
   default handlers and interrupts at once (a user pressing Ctrl-C twice).
   """
-  flag = {"stop": None}
+  flag = {"stop": _PENDING_STOP.pop() if _PENDING_STOP else None}
+  _PENDING_STOP.clear()
   previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
 
   def handler(signum, frame):
