@@ -59,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.list_file = ""
   c.data.image_root = ""
   c.data.skip_bad_examples = False
+  # Before the first step, mtlface_list files are checked: "header" (exists,
+  # image header readable), "full" (decoded) or "off".
+  c.data.verify_images = "header"
   c.data.crop_scale = 1.0  # < 1: random scale/shift crops (input_pipeline.PipelineConfig)
   c.data.shards_dir = ""   # face_shards only (mtlface_jax/real_data.py)
   c.data.tfds_name = ""
@@ -72,7 +75,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.num_folds = 10
   c.data.pairs_per_fold = 300
 
-  c.init_from = ""  # AIFR checkpoint directory to start FAS from
+  c.init_from = ""  # checkpoint to start from (FAS from AIFR, or fine-tuning)
+  # Variable paths init_from leaves freshly initialised, e.g. ("head",) for a
+  # new model.num_classes, or "encoder/output_layer" (training/transfer.py).
+  c.init_from_exclude = ()
+  # A resume whose config changes the computation: "refuse" (default) or
+  # "allow" (logs the changed keys); see training/run_config.py.
+  c.resume_config_change = "refuse"
   c.log_every = 50
   c.checkpoint_every = 1_000
   c.keep_checkpoints = 3

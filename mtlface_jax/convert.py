@@ -740,11 +740,56 @@ def read_cvpr_inputs(inputs: Sequence[str], reader: str = "auto") -> tuple[dict,
   for spec in inputs:
     name, path = _parse_input(spec)
     state_dict = read_state_dict(path, reader)
+    check_layout("cvpr", [(path, state_dict)])
     name = name or identify_cvpr_module(path, state_dict)
     if name in state_dicts:
       raise ConversionError(f"two inputs for module {name!r}: {sources[name]} and {path}")
     state_dicts[name], sources[name] = state_dict, str(path)
   return state_dicts, sources
+
+
+# Top-level key prefixes of the released TPAMI model; a CVPR training file has
+# one module's keys (``input_layer.*``, ``block1.*``, ``weight``, ...) instead.
+TPAMI_PREFIXES = ("encoder.", "age_estimator.", "decoder.")
+
+
+def detect_layout(state_dict: Mapping[str, Any]) -> Optional[str]:
+  """``'tpami'`` for the released whole-model file, ``'cvpr'`` for a per-module file.
+
+  Args:
+    state_dict: as read (a DDP ``module.`` prefix is ignored).
+
+  Returns:
+    The layout the keys look like, or None when they look like neither.
+  """
+  keys = list(strip_ddp_prefix(state_dict))
+  if not keys:
+    return None
+  tpami = sum(k.startswith(TPAMI_PREFIXES) for k in keys)
+  if tpami == len(keys):
+    return "tpami"
+  if tpami == 0:
+    return "cvpr"
+  return None
+
+
+def check_layout(layout: str, paths_and_state_dicts: Sequence[tuple[Any, Mapping]]) -> None:
+  """Raises a one-line error when an input has the other layout's keys.
+
+  Raises:
+    ConversionError: e.g. ``x.pth: this looks like a TPAMI state_dict (keys
+      encoder.*, age_estimator.*, decoder.*): use --layout tpami``.
+  """
+  for path, state_dict in paths_and_state_dicts:
+    found = detect_layout(state_dict)
+    if found == layout or found is None:
+      continue
+    if found == "tpami":
+      raise ConversionError(f"{path}: this looks like a TPAMI state_dict (keys "
+                            f"{', '.join(p + '*' for p in TPAMI_PREFIXES)}): use --layout tpami")
+    raise ConversionError(f"{path}: this looks like a CVPR per-module state_dict (no "
+                          f"{'/'.join(p + '*' for p in TPAMI_PREFIXES)} keys): use --layout "
+                          "cvpr, one --input per module file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -774,8 +819,9 @@ def run(args: argparse.Namespace) -> Conversion:
     if len(args.input) != 1:
       raise ConversionError("--layout tpami takes exactly one --input (the released file)")
     path = _parse_input(args.input[0])[1]
-    conversion = convert_tpami(read_state_dict(path, args.reader), str(path),
-                               args.allow_unexpected)
+    state_dict = read_state_dict(path, args.reader)
+    check_layout("tpami", [(path, state_dict)])
+    conversion = convert_tpami(state_dict, str(path), args.allow_unexpected)
   else:
     state_dicts, sources = read_cvpr_inputs(args.input, args.reader)
     num_layers = None if args.backbone == "auto" else spec_lib.BACKBONES[args.backbone]

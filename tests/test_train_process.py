@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 from mtlface_jax import checkpoint_io
+from mtlface_jax.training import checkpoint as checkpoint_lib
+from mtlface_jax.training import loop
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config=configs/tiny.py", "--config.train_fas=True", "--config.checkpoint_every=2"]
@@ -34,15 +36,15 @@ def _env(devices: int) -> dict:
   return env
 
 
-def _start(workdir: Path, extra=(), devices: int = 4) -> subprocess.Popen:
+def _start(workdir: Path, extra=(), devices: int = 4, env=None) -> subprocess.Popen:
   cmd = [sys.executable, "train.py", f"--workdir={workdir}", *TINY, *extra]
-  return subprocess.Popen(cmd, cwd=REPO, env=_env(devices), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(cmd, cwd=REPO, env={**_env(devices), **(env or {})},
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+def _finish(proc: subprocess.Popen, timeout: float = 600, status: int = 0) -> str:
   out, _ = proc.communicate(timeout=timeout)
-  assert proc.returncode == 0, out[-3000:]
+  assert proc.returncode == status, out[-3000:]
   return out
 
 
@@ -74,7 +76,8 @@ def test_sigkill_and_sigterm_then_resume_match_uninterrupted(tmp_path):
   preempted = _start(tmp_path / "killed", steps)
   seen = _wait_for_checkpoint(tmp_path / "killed", preempted, 6)
   preempted.send_signal(signal.SIGTERM)
-  _finish(preempted)  # SIGTERM: a clean exit after saving
+  out = _finish(preempted, status=loop.EXIT_PREEMPTED)  # SIGTERM: saved, "resume me"
+  assert "stopped by SIGTERM" in out
   assert _variables(tmp_path / "killed")["step"] >= seen
   _finish(_start(tmp_path / "killed", steps))
   a, b = _variables(tmp_path / "straight"), _variables(tmp_path / "killed")
@@ -84,6 +87,36 @@ def test_sigkill_and_sigterm_then_resume_match_uninterrupted(tmp_path):
   close = lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
   jax.tree_util.tree_map(close, a["variables"], b["variables"])
   jax.tree_util.tree_map(close, a["opt"], b["opt"])
+
+
+def test_sigkill_during_an_async_save_then_resume_is_bit_identical(tmp_path):
+  """kill -9 after step 2 is committed, while step 4's asynchronous save is in flight.
+
+  ``MTLFACE_TEST_SAVE_DELAY=4:600`` holds step 4's commit (the atomic rename
+  that ends an orbax save) for 600 s, so the kill lands inside that save
+  deterministically: step 4 exists only as orbax's temporary directory.
+  """
+  steps = ["--config.num_iter=4"]
+  _finish(_start(tmp_path / "straight", steps))
+  killed = tmp_path / "killed"
+  victim = _start(killed, steps, env={checkpoint_lib.SAVE_DELAY_ENV: "4:600"})
+  deadline = time.time() + 600
+  while not list((killed / "checkpoints").glob("4.orbax-checkpoint-tmp*")):
+    assert victim.poll() is None and time.time() < deadline, victim.stdout.read()[-3000:]
+    time.sleep(0.2)
+  victim.send_signal(signal.SIGKILL)
+  victim.wait()
+  committed = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+  assert committed == ["2"]
+  # A resume with another computation is refused in one line, touching nothing.
+  out = _finish(_start(killed, [*steps, "--config.batch_size=16"]), status=1)
+  assert "train.py: error: this workdir's checkpoint (step 2)" in out
+  assert "batch_size: 8 -> 16" in out and "Traceback" not in out
+  _finish(_start(killed, steps))
+  a, b = _variables(tmp_path / "straight"), _variables(killed)
+  assert a["step"] == b["step"] == 4
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a["variables"], b["variables"])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a["opt"], b["opt"])
 
 
 def _free_port() -> int:

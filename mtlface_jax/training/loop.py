@@ -20,9 +20,11 @@ from mtlface_jax import predict
 from mtlface_jax.models import spec as spec_lib
 from mtlface_jax.training import checkpoint as checkpoint_lib
 from mtlface_jax.training import optim
+from mtlface_jax.training import run_config
 from mtlface_jax.training import sharding
 from mtlface_jax.training import state as state_lib
 from mtlface_jax.training import steps
+from mtlface_jax.training import transfer
 from mtlface_jax.training import writers
 
 BatchesFn = Callable[..., Iterator[dict]]
@@ -30,6 +32,18 @@ BatchesFn = Callable[..., Iterator[dict]]
 
 class NonFiniteLossError(FloatingPointError):
   """Raised after ``max_consecutive_nonfinite`` skipped steps in a row."""
+
+
+# Errors the user can act on from their message alone: train.py prints them
+# as one ``train.py: error:`` line (exit 1) instead of a traceback.
+USER_ERRORS = (NonFiniteLossError, run_config.ResumeConfigError,
+               transfer.VariableMismatchError, checkpoint_io.CheckpointError, OSError)
+
+
+def user_errors() -> tuple[type, ...]:
+  """:data:`USER_ERRORS` plus the input pipeline's bad-example error (imports TensorFlow)."""
+  from mtlface_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  return USER_ERRORS + (input_pipeline.BadExampleError,)
 
 
 def _task_name(config) -> str:
@@ -47,44 +61,129 @@ def create_state(config, models, mesh, txs: optim.Optimizers) -> state_lib.Train
   return jax.jit(build, out_shardings=sharding.replicated(mesh))(init_rng)
 
 
-def load_pretrained(state: state_lib.TrainState, path: str, mesh) -> state_lib.TrainState:
-  """Copies encoder/age (and any other matching module) variables from a checkpoint.
+def load_pretrained(state: state_lib.TrainState, path: str, mesh,
+                    config=None) -> state_lib.TrainState:
+  """Copies every checkpoint variable whose path and shape match this model.
 
-  Used to start FAS from a finished AIFR run (``config.init_from``): only the
-  modules present in both runs are taken; optimizer states start fresh.
+  Used to start FAS from a finished AIFR run or to fine-tune on a new dataset
+  (``config.init_from``): modules present in both runs are taken variable by
+  variable; paths in ``config.init_from_exclude`` (e.g. ``("head",)`` for a
+  new ``model.num_classes``) keep their fresh initialisation; optimizer
+  states start fresh.
+
+  Raises:
+    transfer.VariableMismatchError: a shared variable that is missing or of
+      another shape and not excluded, naming it, both shapes and the config
+      key that decides it.
+    checkpoint_io.CheckpointError: a checkpoint without encoder variables
+      (unless excluded).
   """
-  # Only the variables are read: the AIFR run's optimizer states stay on disk.
-  source, _, _ = checkpoint_io.restore_variables(path)
-  variables = dict(state.variables)
-  taken = []
-  for name in variables:
-    if name in source:
-      expected = jax.tree_util.tree_structure(variables[name])
-      got = jax.tree_util.tree_map(np.asarray, source[name])
-      if jax.tree_util.tree_structure(got) != expected:
-        raise ValueError(f"init_from {path}: module {name!r} does not match this config's model")
-      variables[name] = sharding.replicate(got, mesh)
-      taken.append(name)
-  if "encoder" not in taken:
-    raise ValueError(f"init_from {path}: checkpoint has no encoder variables")
-  logging.info("init_from %s: loaded %s", path, ", ".join(taken))
-  return state.replace(variables=variables)
+  exclude = tuple(config.get("init_from_exclude", ())) if config is not None else ()
+  # Only the variables are read: the source run's optimizer states stay on disk.
+  source, meta, step = checkpoint_io.restore_variables(path)
+  what = f"init_from {path} (step {step})"
+  target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                  dict(state.variables))
+  taken, kept, ignored = transfer.match_variables(
+      target, source, exclude, config, transfer.source_config_of(meta), what)
+  if not any(p.startswith("encoder/") for p in taken) and not transfer.matches_exclude(
+      "encoder/params", exclude):
+    raise checkpoint_io.CheckpointError(f"{what}: checkpoint has no encoder variables")
+  flat = transfer.flatten(dict(state.variables))
+  flat.update({p: sharding.replicate(v.astype(flat[p].dtype), mesh) for p, v in taken.items()})
+  modules = sorted({p.split("/")[0] for p in taken})
+  logging.warning("%s: loaded %d variables of %s; %d freshly initialised%s", what, len(taken),
+                  ", ".join(modules), len(kept),
+                  f"; {len(ignored)} excluded checkpoint variables unused" if ignored else "")
+  return state.replace(variables=transfer.unflatten(flat))
+
+
+# Exit status of train.py when a run was stopped by SIGTERM or SIGINT after
+# saving its state: "preempted, resume me" (sysexits.h EX_TEMPFAIL). A retry
+# loop resumes while the status is 75 and stops on 0 (finished) or anything
+# else (an error, already printed).
+EXIT_PREEMPTED = 75
+EXIT_FINISHED = 0
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A stop requested before the loop's own handlers are installed (train.py
+# catches signals from its start: compiling can take minutes).
+_PENDING_STOP: list[str] = []
+
+
+def request_stop(signal_name: str) -> None:
+  """Asks the next (or running) training loop to save after its step and stop.
+
+  train.py's early signal handler calls this, so a SIGTERM during start-up
+  (restoring, compiling) still ends in a saved step and exit 75.
+  """
+  _PENDING_STOP.append(signal_name)
+
+
+def early_stop_handler(signum, frame) -> None:
+  """A signal handler for start-up: the first signal requests a stop, a second interrupts."""
+  del frame
+  if _PENDING_STOP:
+    for sig in _STOP_SIGNALS:
+      signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
+    raise KeyboardInterrupt(f"second {signal.Signals(signum).name} during start-up")
+  logging.warning("%s during start-up: will save after the first step and stop (send again to "
+                  "stop at once)", signal.Signals(signum).name)
+  request_stop(signal.Signals(signum).name)
 
 
 @contextlib.contextmanager
-def _sigterm_flag():
-  """Turns SIGTERM (preemption) into a flag the loop checks after each step."""
-  flag = {"stop": False}
+def _stop_flag():
+  """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into a flag checked after each step.
+
+  The loop then saves and stops. A second signal of either kind restores the
+  default handlers and interrupts at once (a user pressing Ctrl-C twice).
+  """
+  flag = {"stop": _PENDING_STOP.pop() if _PENDING_STOP else None}
+  _PENDING_STOP.clear()
+  previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
 
   def handler(signum, frame):
-    del signum, frame
-    flag["stop"] = True
+    del frame
+    if flag["stop"] is not None:
+      for sig, old in previous.items():
+        signal.signal(sig, old)
+      raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without saving")
+    flag["stop"] = signal.Signals(signum).name
+    logging.warning("%s: saving and stopping after this step (send again to stop at once)",
+                    flag["stop"])
 
-  previous = signal.signal(signal.SIGTERM, handler)
+  for sig in _STOP_SIGNALS:
+    signal.signal(sig, handler)
   try:
     yield flag
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for sig, old in previous.items():
+      signal.signal(sig, old)
+
+
+def exit_code(summary: dict) -> int:
+  """train.py's exit status for a summary of :func:`train`: 75 if preempted, else 0."""
+  return EXIT_PREEMPTED if summary.get("preempted") else EXIT_FINISHED
+
+
+def resume(ckpt: checkpoint_lib.Checkpointer, state: state_lib.TrainState,
+           config) -> state_lib.TrainState:
+  """Restores the latest intact checkpoint, refusing one written with another computation.
+
+  Raises:
+    run_config.ResumeConfigError: the checkpoint's config differs in keys
+      that change the computation (unless ``resume_config_change="allow"``).
+    transfer.VariableMismatchError: its shapes do not fit this model.
+  """
+
+  def check(meta, step):
+    saved = transfer.source_config_of(meta)
+    if saved is not None:
+      run_config.check_resume(saved, config, step)
+
+  state, _ = ckpt.restore(state, check_meta=check, config=config)
+  logging.info("resumed from step %d", int(state.step))
+  return state
 
 
 def _write_grid(writer, models, state, config, images, step):
@@ -109,11 +208,19 @@ def train(config, workdir: str | Path, batches_fn: Optional[BatchesFn] = None,
     devices: devices of the data-parallel mesh (all devices by default).
 
   Returns:
-    ``{'step', 'task', 'nonfinite_total', 'last_metrics', 'checkpoint'}``.
+    ``{'step', 'task', 'nonfinite_total', 'last_metrics', 'checkpoint',
+    'images_per_s', 'preempted', 'signal', 'skipped'}``: ``preempted`` is
+    True when SIGTERM/SIGINT stopped the run early after saving (train.py
+    exits :data:`EXIT_PREEMPTED`); ``skipped`` holds the data's skipped
+    examples (``count``, ``ok``, ``first``).
 
   Raises:
     NonFiniteLossError: after ``config.max_consecutive_nonfinite`` skipped
       steps in a row; the last good checkpoint stays on disk.
+    run_config.ResumeConfigError: a resume whose config changes the
+      computation (see :mod:`mtlface_jax.training.run_config`).
+    transfer.VariableMismatchError: ``init_from`` or a resumed checkpoint
+      whose variables do not fit this model.
   """
   if batches_fn is None:
     from mtlface_jax import data_sources  # pylint: disable=g-import-not-at-top
@@ -126,14 +233,16 @@ def train(config, workdir: str | Path, batches_fn: Optional[BatchesFn] = None,
   state = create_state(config, models, mesh, txs)
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
   if ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(state)
-    logging.info("resumed from step %d", int(state.step))
+    state = resume(ckpt, state, config)
   elif config.init_from:
-    state = load_pretrained(state, config.init_from, mesh)
+    state = load_pretrained(state, config.init_from, mesh, config)
+  resumed = int(state.step) if ckpt.latest_step() is not None else None
+  if jax.process_index() == 0:
+    run_config.record_start(workdir, config, resumed)
   step_fn = steps.make_train_step(models, config, fr_tx=txs.fr, g_tx=txs.g, d_tx=txs.d,
                                   state_sharding=sharding.replicated(mesh),
                                   batch_sharding=sharding.batch_sharded(mesh))
-  writer = writers.MetricWriter(workdir)
+  writer = writers.MetricWriter(workdir, start_step=int(state.step))
   writer.write_hparams(config.to_dict())
   try:
     return _run(config, state, step_fn, batches_fn, ckpt, writer, models, mesh)
@@ -148,6 +257,7 @@ def _run(config, state, step_fn, batches_fn, ckpt, writer, models, mesh) -> dict
   rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
                        sharding.replicated(mesh))
   batches = batches_fn(config, start)
+  skipped = _record_skips(getattr(batches, "report", None), writer, start)
   batch_sharding = sharding.batch_sharded(mesh)
   progress = writers.Progress(start, config.num_iter, config.batch_size, _task_name(config))
   preview = None
@@ -155,7 +265,7 @@ def _run(config, state, step_fn, batches_fn, ckpt, writer, models, mesh) -> dict
   last = {}
   meta = lambda step: {"step": step, "data_position": step, "task": _task_name(config),
                        "config": config.to_json()}
-  with _sigterm_flag() as sigterm:
+  with _stop_flag() as stop:
     for step in range(start, config.num_iter):
       batch = next(batches)
       if preview is None and config.train_fas and config.image_every:
@@ -167,17 +277,30 @@ def _run(config, state, step_fn, batches_fn, ckpt, writer, models, mesh) -> dict
       done = step + 1
       if preview is not None and done % config.image_every == 0:
         _write_grid(writer, models, state, config, preview, done)
-      if done % config.checkpoint_every == 0 or done == config.num_iter or sigterm["stop"]:
+      if done % config.checkpoint_every == 0 or done == config.num_iter or stop["stop"]:
         ckpt.save(done, state, meta(done))
-      if sigterm["stop"]:
-        logging.warning("SIGTERM: saved step %d and stopping", done)
+      if stop["stop"]:
+        logging.warning("%s: saved step %d and stopping", stop["stop"], done)
         break
     if pending is not None:
       last = _check_and_log(pending, config, writer, progress, ckpt)
   progress.close()
   return {"step": int(state.step), "task": _task_name(config),
           "nonfinite_total": int(state.nonfinite_total), "last_metrics": last,
-          "checkpoint": str(ckpt.directory), "images_per_s": progress.images_per_s}
+          "checkpoint": str(ckpt.directory), "images_per_s": progress.images_per_s,
+          "preempted": stop["stop"] is not None and int(state.step) < config.num_iter,
+          "signal": stop["stop"], "skipped": skipped}
+
+
+def _record_skips(report, writer, start: int) -> dict:
+  """Puts the data's skipped examples in the workdir, metrics and the summary."""
+  if report is None:
+    return {"count": 0, "ok": None, "first": []}
+  summary = writer.write_skipped(start, report)
+  if summary["count"]:
+    logging.warning("data: %d examples skipped (%d kept); see %s", summary["count"],
+                    summary["ok"], writer.workdir / "skipped.jsonl")
+  return summary
 
 
 def _check_and_log(pending, config, writer, progress, ckpt) -> dict:
