@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# Test files run on two workers (CI has 2 cores; XLA compiles are single-threaded).
+TEST_WORKERS ?= 2
 DEMO_DIR ?= demo_out
 REAL_CONFIG ?= configs/real_lfw_utkface.py
 REAL_DIR ?= real_out
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m mtlface_jax.recipes.demo --workdir=$(DEMO_DIR)
