@@ -27,7 +27,7 @@ import numpy as np
 
 from mtlface_jax import input_pipeline
 from mtlface_jax import synthetic
-from mtlface_jax.formats.report import ParseReport
+from mtlface_jax.formats.parse_report import ParseReport
 
 VERIFY_MODES = ("off", "header", "full")
 

@@ -19,7 +19,7 @@ from configs import tiny
 from mtlface_jax import convert
 from mtlface_jax import data_sources
 from mtlface_jax import input_pipeline
-from mtlface_jax.formats.report import ParseReport
+from mtlface_jax.formats.parse_report import ParseReport
 from mtlface_jax.models import spec as spec_lib
 from mtlface_jax.training import checkpoint as checkpoint_lib
 from mtlface_jax.training import loop

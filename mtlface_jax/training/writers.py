@@ -74,7 +74,7 @@ class MetricWriter:
       tf.summary.text("config", "```\n" + text + "\n```")
 
   def write_skipped(self, step: int, report: Any, max_listed: int = 10) -> dict:
-    """Records the examples the data skipped (a ``formats.report.ParseReport``).
+    """Records the examples the data skipped (a ``formats.parse_report.ParseReport``).
 
     Writes ``skipped.jsonl`` (one ``{"location", "reason"}`` per entry) and,
     on a fresh start (``step == 0``; a resume reads the same data), the counts
