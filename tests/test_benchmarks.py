@@ -62,7 +62,7 @@ def test_dense_flops_of_the_full_ir50_forward_is_the_published_12_6_gflop():
   from mtlface_jax.models import spec as spec_lib  # pylint: disable=g-import-not-at-top
   config = train_throughput.build_config("infer", 1, "full", "bfloat16")
   encoder = spec_lib.build_from_config(config).encoder
-  _, variables_fn = train_throughput._inference_fns(config)  # pylint: disable=protected-access
+  _, variables_fn = train_throughput.inference_fns(config)
   variables = jax.eval_shape(variables_fn, jax.random.PRNGKey(0))
   image = jax.ShapeDtypeStruct((1, 112, 112, 3), jnp.float32)
   jaxpr = jax.make_jaxpr(lambda v, x: encoder.apply(v, x, train=False))(variables, image)
