@@ -167,7 +167,7 @@ def torch_run(spec: dict) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
   reset_peak_rss()
-  models = torch_steps.build_models(config, setup, 34 if tiny else 50)
+  models = torch_steps.build_models(config, setup, 34 if tiny else 50, task)
   step, facts = torch_steps.STEP_FNS[task](config, setup, models, host)
   timed = torch_steps.time_steps(step, setup.device, warmup=spec["warmup"], steps=spec["steps"],
                                  repeats=spec["repeats"])
@@ -356,7 +356,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                            "channels_last_compile")))
   parser.add_argument("--frameworks", default="jax,torch")
   parser.add_argument("--tiny", action="store_true", help="reduced models, batch 2 (CPU check)")
-  parser.add_argument("--steps", type=int, default=0, help="timed steps per block (20; tiny 2)")
+  parser.add_argument("--steps", type=int, default=0, help="timed steps per block (20; tiny 1)")
   parser.add_argument("--repeats", type=int, default=0, help="timed blocks, median (3; tiny 1)")
   parser.add_argument("--warmup", type=int, default=-1, help="untimed steps (5; tiny 1)")
   parser.add_argument("--group", choices=("run", "framework"), default="",
@@ -371,7 +371,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   args.runs = args.runs or (TINY_RUNS if args.tiny else DEFAULT_RUNS)
-  defaults = (2, 1, 1) if args.tiny else (20, 3, 5)
+  defaults = (1, 1, 1) if args.tiny else (20, 3, 5)
   args.steps = args.steps or defaults[0]
   args.repeats = args.repeats or defaults[1]
   args.warmup = defaults[2] if args.warmup < 0 else args.warmup

@@ -122,20 +122,26 @@ def _decay_groups(modules, weight_decay: float) -> list[dict]:
           {"params": plain, "weight_decay": 0.0}]
 
 
-def build_models(config, setup: Setup, num_layers: int) -> dict[str, nn.Module]:
-  """The reference modules sized from a JAX training config."""
+# The modules each task's step uses (building the others would only cost time).
+TASK_MODULES = {"aifr": ("encoder", "head", "age", "da_age"),
+                "fas": ("encoder", "age", "generator", "discriminator"),
+                "infer": ("encoder",)}
+
+
+def build_models(config, setup: Setup, num_layers: int, task: str) -> dict[str, nn.Module]:
+  """The reference modules of ``task``, sized from a JAX training config."""
   size, groups = config.image_size, config.age_group
-  torch.manual_seed(0)
-  return {
-      "encoder": setup.module(mt.IRBackbone(num_layers, size)),
-      "head": setup.module(mt.CosFace(config.model.num_classes, 512, config.head_s,
-                                      config.head_m)),
-      "age": setup.module(mt.AgeEstimator(groups, size)),
-      "da_age": setup.module(mt.AgeEstimator(groups, size)),
-      "generator": setup.module(mt.AgingModule(groups, config.model.icm_unit_count)),
-      "discriminator": setup.module(mt.PatchDiscriminator(
-          groups, config.model.discriminator_features[0])),
+  builders = {
+      "encoder": lambda: mt.IRBackbone(num_layers, size),
+      "head": lambda: mt.CosFace(config.model.num_classes, 512, config.head_s, config.head_m),
+      "age": lambda: mt.AgeEstimator(groups, size),
+      "da_age": lambda: mt.AgeEstimator(groups, size),
+      "generator": lambda: mt.AgingModule(groups, config.model.icm_unit_count),
+      "discriminator": lambda: mt.PatchDiscriminator(groups,
+                                                     config.model.discriminator_features[0]),
   }
+  torch.manual_seed(0)
+  return {name: setup.module(builders[name]()) for name in TASK_MODULES[task]}
 
 
 def _age_loss(out: mt.AgeOutput, ages: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,10 @@
 #   SHARDS         shard folder (default real_shards: pNN/ + manifest.json, carried beforehand)
 #   CONFIG         recipe config (default configs/real_lfw_utkface.py; dry run: ...:cpu)
 #   RECIPE_ARGS    more flags for the recipe, e.g. "--config.num_iter=4000 --config.fas_num_iter=600"
-#   RECIPE_TIMEOUT_S  the recipe is stopped after this (default 470 s), so that copying and extra
-#                  evaluations still fit in a 540 s call; a stopped run still returns its log/metrics
+#   CALL_BUDGET_S  seconds this whole script may take (default 530, for a 540 s call): the recipe is
+#                  stopped (SIGTERM) when only EXTRA_RESERVE_S (default 60 with EXTRA_EVAL, else 15)
+#                  is left, so that copying and extra evaluations still fit; a stopped run still
+#                  returns its log and metrics
 #   EXTRA_EVAL     extra eval.py commands, one per line (or separated by ';;'): their arguments with
 #                  {ckpt} (FAS workdir: encoder, heads, generator), {aifr} (AIFR workdir), {shards},
 #                  {out} (a fresh folder per command) substituted, e.g.
@@ -37,7 +39,7 @@ WHEEL_DIR=${WHEEL_DIR:-/tmp/dw}
 mkdir -p "$OUT" "$WORK"
 LOG=$OUT/recipe.log
 dry=0
-[ "${1:-}" = "--dry-run" ] && dry=1
+[ "${1:-}" = "--dry-run" ] && dry=1 && CALL_BUDGET_S=${CALL_BUDGET_S:-3600}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
@@ -86,9 +88,12 @@ environment() {
 
 run_recipe() {
   log "recipe: $CONFIG workdir=$WORK shards=$SHARDS args: ${RECIPE_ARGS:-}"
-  local start=$SECONDS
+  local start=$SECONDS reserve=15
+  [ -n "${EXTRA_EVAL:-}" ] && reserve=60
+  local limit=$(( ${CALL_BUDGET_S:-530} - SECONDS - ${EXTRA_RESERVE_S:-$reserve} ))
+  log "recipe time limit: $limit s"
   # shellcheck disable=SC2086  # RECIPE_ARGS holds several flags
-  timeout --signal=TERM --kill-after=15 "${RECIPE_TIMEOUT_S:-470}" \
+  timeout --signal=TERM --kill-after=10 "$limit" \
     "$PYTHON" -m mtlface_jax.recipes.lfw_utkface --config="$CONFIG" --workdir="$WORK" \
     --config.data.shards_dir="$SHARDS" ${RECIPE_ARGS:-} >"$WORK/recipe_stdout.log" 2>&1
   local code=$?
