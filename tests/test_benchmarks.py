@@ -192,7 +192,8 @@ def test_device_check_dry_run_writes_one_side_by_side_json(tmp_path):
   for run in runs.values():
     assert "error" not in run, run
     assert run["images_per_s"] > 0 and run["ms_per_step"] > 0 and run["peak_memory_gib"] > 0
-    assert run["images_per_s"] == pytest.approx(2 / run["ms_per_step"] * 1e3, rel=1e-3)
+    # images/s is rounded to 2 decimals: tiny CPU runs make well under 1 image/s.
+    assert run["images_per_s"] == pytest.approx(2 / run["ms_per_step"] * 1e3, rel=1e-3, abs=0.006)
   for task in ("aifr", "fas", "infer"):
     row = doc["comparison"][f"{task}:2"]
     assert row["same_batches"] is True  # one digest for the JAX and both PyTorch runs
