@@ -59,8 +59,8 @@ def test_real_recipe_gpu_dry_run_brings_back_the_report(tmp_path):
   assert any(name.endswith(".png") and "grid" in name for name in files), files
   summary = json.loads((out / "report.json").read_text())["summary"]
   assert 0 <= summary["lfw_heldout_accuracy"] <= 1 and summary["utkface_heldout_mae"] >= 0
-  steps = [json.loads(line)["step"] for line in (out / "metrics_aifr.jsonl").read_text().splitlines()
-           if line.startswith("{") and '"step"' in line]
+  lines = (out / "metrics_aifr.jsonl").read_text().splitlines()
+  steps = [json.loads(line)["step"] for line in lines if line.startswith("{") and '"step"' in line]
   assert steps and max(steps) <= 3
   with tarfile.open(out / "extra_eval.tar.gz") as tar:
     names = tar.getnames()
