@@ -143,7 +143,7 @@ def _save_artifacts(args, compiled, run_step, state, name: str) -> dict:
   return saved
 
 
-def _train_setup(args, task: str, batch: int, devices=None):
+def train_setup(args, task: str, batch: int, devices=None):
   """Config, jitted step, state builder and shardings of one training run.
 
   Args:
@@ -199,7 +199,7 @@ def _trace_on_cpu(args, task: str, batch: int):
   key = jax.random.PRNGKey(0)
   if task == "infer":
     config = build_config(task, batch, args.model, args.dtype)
-    embed, variables_fn = _inference_fns(config)
+    embed, variables_fn = inference_fns(config)
     # Abstract arguments committed to the CPU make jit lower for the CPU backend.
     on_cpu = jax.sharding.SingleDeviceSharding(cpu[0])
     abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_cpu)
@@ -208,7 +208,7 @@ def _trace_on_cpu(args, task: str, batch: int):
                                            jnp.float32))
     return embed.trace(variables, images), IR50_GFLOP_PER_IMAGE_FORWARD * 2
   # A step built on a CPU mesh: its shardings, hence its backend, are the CPU's.
-  config, step_fn, build, _, _ = _train_setup(args, task, batch, devices=cpu)
+  config, step_fn, build, _, _ = train_setup(args, task, batch, devices=cpu)
   shape_of = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
   batch_shapes = jax.tree_util.tree_map(shape_of, random_batches(config, 1, on_device=False)[0])
   traced = step_fn.trace(jax.eval_shape(build, key), batch_shapes, shape_of(key))
@@ -253,7 +253,7 @@ def count_flops(args, task: str, batch: int) -> dict:
 def measure_train(args, task: str, batch: int) -> dict:
   """Compiles and times the jitted AIFR or FAS step."""
   import jax  # pylint: disable=g-import-not-at-top
-  config, step_fn, build, rep, split = _train_setup(args, task, batch)
+  config, step_fn, build, rep, split = train_setup(args, task, batch)
   state = jax.jit(build, out_shardings=rep)(jax.random.PRNGKey(0))
   batches = [jax.device_put(b, split) for b in random_batches(config, 2)]
   rng = jax.device_put(jax.random.PRNGKey(1), rep)
@@ -274,7 +274,7 @@ def measure_train(args, task: str, batch: int) -> dict:
   return result
 
 
-def _inference_fns(config):
+def inference_fns(config):
   """(jitted flip-averaged embed(variables, images), variables initialiser)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -295,7 +295,7 @@ def measure_inference(args, batch: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   config = build_config("infer", batch, args.model, args.dtype)
-  embed, variables_fn = _inference_fns(config)
+  embed, variables_fn = inference_fns(config)
   size = config.image_size
   variables = jax.jit(variables_fn)(jax.random.PRNGKey(0))
   images = [jax.random.uniform(jax.random.PRNGKey(i), (batch, size, size, 3), jnp.float32, -1, 1)
