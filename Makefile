@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 DEMO_DIR ?= demo_out
+# The demo's CPU variant (minutes on 2 cores); DEMO_CONFIG=configs/default.py on a GPU/TPU.
+DEMO_CONFIG ?= configs/default.py:cpu
 REAL_CONFIG ?= configs/real_lfw_utkface.py
 REAL_DIR ?= real_out
 
@@ -22,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m mtlface_jax.demo --workdir=$(DEMO_DIR)
+	$(PY) -m mtlface_jax.demo --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR)
 
 # The real-data recipe on ../shared/data (README "Real faces"); REAL_CONFIG=...:cpu on a CPU.
 real: $(STAMP)

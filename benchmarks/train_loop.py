@@ -97,9 +97,10 @@ def prepare_config(config, steps: int, workdir: Path, image_folder: str = ""):
   config.init_from = ""
   if image_folder:
     config.data.name = "mtlface_list"
-    config.data.list_file = str(workdir / "folder_list.txt")
-    config.data.image_root = ""
-    write_folder_list(Path(image_folder), Path(config.data.list_file), config.model.num_classes)
+    config.data.mtlface_list.file = str(workdir / "folder_list.txt")
+    config.data.mtlface_list.image_root = ""
+    write_folder_list(Path(image_folder), Path(config.data.mtlface_list.file),
+                      config.model.num_classes)
   return config
 
 
@@ -229,7 +230,7 @@ def _define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
   # config_flags finds the --config.x=y overrides in the argv it is given here.
   config_flags.DEFINE_config_file("config", str(_REPO / "configs" / "default.py"),
                                   "Training config file.", flag_values=flag_values,
-                                  sys_argv=argv)
+                                  lock_config=True, sys_argv=argv)
   flags.DEFINE_integer("steps", 30, "Loop steps in all.", flag_values=flag_values)
   flags.DEFINE_integer("warmup", 5, "Leading steps not timed.", flag_values=flag_values)
   flags.DEFINE_integer("pipeline_batches", 20, "Batches timed for the pipeline alone.",

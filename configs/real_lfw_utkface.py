@@ -22,11 +22,11 @@ def get_config(variant: str = ""):
   """The recipe config; ``variant`` "cpu" gives the reduced CPU run."""
   c = common.get_config()
   c.data.name = "face_shards"
-  c.data.shards_dir = "real_shards"
-  c.data.lfw_dir = "../shared/data/lfw"
-  c.data.utkface_dir = "../shared/data/utkface"
-  c.data.split_seed = 0
-  c.data.utkface_train_fraction = 0.8
+  c.data.face_shards.dir = "real_shards"
+  c.data.face_shards.lfw_dir = "../shared/data/lfw"
+  c.data.face_shards.utkface_dir = "../shared/data/utkface"
+  c.data.face_shards.split_seed = 0
+  c.data.face_shards.utkface_train_fraction = 0.8
   # 6,922 LFW images of 3,554 people is tiny for face recognition: random
   # scale/shift crops on top of the flips fight overfitting.
   c.data.crop_scale = 0.8

@@ -1,13 +1,15 @@
 """From a config's ``data`` section to training batches.
 
-``config.data.name`` selects the examples:
+``config.data.name`` selects the examples; each source reads its own section
+``config.data.<name>`` (declared in configs/common.py):
   - ``synthetic_faces``: the embedded procedural dataset (mtlface_jax/synthetic.py);
-  - ``mtlface_list``: an ``id filename age gender`` list over an image root;
-  - ``face_shards``: the LFW + UTKFace shards of mtlface_jax/real_data.py;
-  - ``tfds``: any TFDS dataset with image/id/age/gender features
-    (``config.data.tfds_name``, ``config.data.tfds_split``).
-Batches follow the contract of mtlface_jax/input_pipeline.py and resume
-exactly from any step.
+  - ``mtlface_list``: an ``id filename age gender`` list (``file``) over ``image_root``;
+  - ``face_shards``: the LFW + UTKFace shards of mtlface_jax/real_data.py (``dir``);
+  - ``tfds``: any TFDS dataset with image/id/age/gender features (``name``,
+    ``split``, ``data_dir``).
+``data.crop_scale`` and ``data.skip_bad_examples`` apply to every source.
+Batches follow the contract of mtlface_jax/batch.py and resume exactly from
+any step.
 """
 
 import functools
@@ -33,8 +35,8 @@ def synthetic_dataset(num_identities: int, images_per_identity: int, seed: int,
 
 
 def synthetic_for(config) -> synthetic.SyntheticFaces:
-  """The synthetic dataset of ``config.data``."""
-  d = config.data
+  """The synthetic dataset of ``config.data.synthetic_faces``."""
+  d = config.data.synthetic_faces
   return synthetic_dataset(d.num_identities, d.images_per_identity, d.seed, d.test_fraction,
                            d.num_folds, d.pairs_per_fold)
 
@@ -47,15 +49,16 @@ def train_source(config) -> input_pipeline.Source:
   if d.name == "mtlface_list":
     from mtlface_jax.formats import lists  # pylint: disable=g-import-not-at-top
     records, report = lists.parse_mtlface_list(
-        d.list_file, d.image_root or None, num_ids=config.model.num_classes, max_age=100,
-        skip_bad_examples=d.skip_bad_examples)
+        d.mtlface_list.file, d.mtlface_list.image_root or None,
+        num_ids=config.model.num_classes, max_age=100, skip_bad_examples=d.skip_bad_examples)
     if report.num_skipped:
-      logging.warning("%s: %s", d.list_file, report)
+      logging.warning("%s: %s", d.mtlface_list.file, report)
     return input_pipeline.source_from_records(records, skip_bad_examples=d.skip_bad_examples)
   if d.name == "face_shards":
     return real_data_source(config)
   if d.name == "tfds":
-    return input_pipeline.source_from_tfds(d.tfds_name, d.tfds_split, data_dir=d.tfds_data_dir or None)
+    return input_pipeline.source_from_tfds(d.tfds.name, d.tfds.split,
+                                           data_dir=d.tfds.data_dir or None)
   raise ValueError(f"unknown config.data.name {d.name!r}; use synthetic_faces, mtlface_list, "
                    "face_shards or tfds")
 
@@ -63,9 +66,9 @@ def train_source(config) -> input_pipeline.Source:
 def real_data_source(config) -> input_pipeline.Source:
   """The training split of the LFW + UTKFace shards (``configs/real_lfw_utkface.py``)."""
   from mtlface_jax import real_data  # pylint: disable=g-import-not-at-top
-  shards = real_data.ShardSet(config.data.shards_dir)
+  shards = real_data.ShardSet(config.data.face_shards.dir)
   if shards.num_classes != config.model.num_classes:
-    raise ValueError(f"{config.data.shards_dir} has {shards.num_classes} training identities "
+    raise ValueError(f"{config.data.face_shards.dir} has {shards.num_classes} training identities "
                      f"but config.model.num_classes is {config.model.num_classes}; pass "
                      f"--config.model.num_classes={shards.num_classes}")
   return shards.train_source()
