@@ -16,12 +16,9 @@ import functools
 import logging
 from typing import Iterator
 
+from mtlface_jax import batch as batch_lib
 from mtlface_jax import input_pipeline
 from mtlface_jax import synthetic
-
-# Keys the jitted training step receives; the pipeline's bookkeeping stays host-side.
-STEP_KEYS = ("image", "id", "age", "group", "gender")
-FAS_KEYS = ("target_group", "target_image")
 
 
 @functools.lru_cache(maxsize=2)
@@ -82,7 +79,8 @@ def train_batches(config, start_step: int) -> Iterator[dict]:
     start_step: the step to resume from (0 for a new run).
 
   Returns:
-    An iterator of NumPy batch dicts with the step's keys only.
+    An iterator of NumPy batch dicts with the step's keys only
+    (``batch.keys(config)``; the pipeline's bookkeeping stays host-side).
   """
   pipeline = input_pipeline.InputPipeline(
       train_source(config),
@@ -92,7 +90,7 @@ def train_batches(config, start_step: int) -> Iterator[dict]:
                                     crop_scale=config.data.crop_scale,
                                     skip_bad_examples=config.data.skip_bad_examples),
       start_step=start_step)
-  keys = STEP_KEYS + (FAS_KEYS if config.train_fas else ())
+  keys = batch_lib.keys(config)
   try:
     for batch in pipeline:
       yield {k: batch[k] for k in keys}
