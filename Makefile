@@ -24,11 +24,11 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m mtlface_jax.demo --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR)
+	$(PY) -m mtlface_jax.recipes.demo --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR)
 
 # The real-data recipe on ../shared/data (README "Real faces"); REAL_CONFIG=...:cpu on a CPU.
 real: $(STAMP)
-	$(PY) -m mtlface_jax.real_recipe --config=$(REAL_CONFIG) --workdir=$(REAL_DIR)
+	$(PY) -m mtlface_jax.recipes.lfw_utkface --config=$(REAL_CONFIG) --workdir=$(REAL_DIR)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

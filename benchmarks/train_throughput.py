@@ -249,18 +249,17 @@ def measure_train(args, task: str, batch: int) -> dict:
 
 
 def _inference_fns(config):
-  """(jitted flip-summed embed(variables, images), variables initialiser)."""
+  """(jitted flip-averaged embed(variables, images), variables initialiser)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mtlface_jax.evaluation import report  # pylint: disable=g-import-not-at-top
-  from mtlface_jax.models import mtlface  # pylint: disable=g-import-not-at-top
-  encoder = mtlface.build_models(config).encoder
+  from mtlface_jax import predict  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.models import spec as spec_lib  # pylint: disable=g-import-not-at-top
+  encoder = spec_lib.build_from_config(config).encoder
   size = config.image_size
 
   @jax.jit
   def embed(variables, images):
-    single = lambda x: encoder.apply(variables, x, train=False).embedding.astype(jnp.float32)
-    return report.flip_sum_embeddings(single, images)
+    return predict.embed(encoder, variables, images)
 
   return embed, lambda rng: encoder.init(rng, jnp.zeros((1, size, size, 3)))
 

@@ -87,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tfds.data_dir = ""
 
   c.init_from = ""  # AIFR checkpoint directory to start FAS from
-  # FAS steps of the two-stage recipes (training/stages.py: AIFR for num_iter,
+  # FAS steps of the two-stage recipes (recipes/stages.py: AIFR for num_iter,
   # then FAS); train.py runs num_iter steps of the configured task.
   c.fas_num_iter = 36_000
   c.log_every = 50

@@ -1,6 +1,6 @@
 """AIFR then FAS from scratch on real faces: LFW identities, UTKFace ages.
 
-The recipe of issue #8 (``python -m mtlface_jax.real_recipe``, README "Real
+The recipe of issue #8 (``python -m mtlface_jax.recipes.lfw_utkface``, README "Real
 faces"): identities are the LFW people outside folds 6-10 of ``pairs.txt``
 (3,554 people, 6,922 images), ages come from 80% of UTKFace (7,822 images),
 each loss sees only the labels that exist. Held out: LFW folds 6-10 (people

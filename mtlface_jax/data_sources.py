@@ -47,7 +47,7 @@ def train_source(config) -> input_pipeline.Source:
     from mtlface_jax.formats import lists  # pylint: disable=g-import-not-at-top
     records, report = lists.parse_mtlface_list(
         d.mtlface_list.file, d.mtlface_list.image_root or None,
-        num_ids=config.model.num_classes, max_age=100, skip_bad_examples=d.skip_bad_examples)
+        num_ids=config.model.num_classes, skip_bad_examples=d.skip_bad_examples)
     if report.num_skipped:
       logging.warning("%s: %s", d.mtlface_list.file, report)
     return input_pipeline.source_from_records(records, skip_bad_examples=d.skip_bad_examples)
@@ -68,7 +68,17 @@ def real_data_source(config) -> input_pipeline.Source:
     raise ValueError(f"{config.data.face_shards.dir} has {shards.num_classes} training identities "
                      f"but config.model.num_classes is {config.model.num_classes}; pass "
                      f"--config.model.num_classes={shards.num_classes}")
-  return shards.train_source()
+  return shard_train_source(shards)
+
+
+def shard_train_source(shards) -> input_pipeline.Source:
+  """The training split of a ``real_data.ShardSet`` as a Source of encoded faces."""
+  train = shards.select(split="train")
+  source = input_pipeline.Source(ids=shards.ids[train], ages=shards.ages[train],
+                                 genders=shards.genders[train], encoded=shards.encoded(train),
+                                 names=shards.names[train])
+  source.report.num_ok = len(source)
+  return source
 
 
 def train_batches(config, start_step: int) -> Iterator[dict]:

@@ -59,9 +59,9 @@ def test_dense_flops_of_one_convolution_and_matmul():
 
 
 def test_dense_flops_of_the_full_ir50_forward_is_the_published_12_6_gflop():
-  from mtlface_jax.models import mtlface  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.models import spec as spec_lib  # pylint: disable=g-import-not-at-top
   config = train_throughput.build_config("infer", 1, "full", "bfloat16")
-  encoder = mtlface.build_models(config).encoder
+  encoder = spec_lib.build_from_config(config).encoder
   _, variables_fn = train_throughput._inference_fns(config)  # pylint: disable=protected-access
   variables = jax.eval_shape(variables_fn, jax.random.PRNGKey(0))
   image = jax.ShapeDtypeStruct((1, 112, 112, 3), jnp.float32)

@@ -10,13 +10,14 @@ from PIL import Image
 
 from configs import tiny
 from mtlface_jax import batch as batch_lib
+from mtlface_jax import checkpoint_io
 from mtlface_jax import data_sources
-from mtlface_jax import inference
-from mtlface_jax.evaluation import runner
+from mtlface_jax import predict
+from mtlface_jax.evaluation import datasets
 from mtlface_jax.evaluation import verification
 from mtlface_jax.formats import binset
 from mtlface_jax.formats import images as images_lib
-from mtlface_jax.models import mtlface
+from mtlface_jax.models import spec as spec_lib
 from mtlface_jax.training import eval_hook
 from mtlface_jax.training import loop
 from mtlface_jax.training import sharding
@@ -47,15 +48,13 @@ def test_eval_every_logs_heldout_accuracy_at_steps_2_and_4(tmp_path):
   assert (tmp_path / "tensorboard").is_dir()
   # The step-4 number is the 10-fold protocol on the step-4 checkpoint's encoder,
   # embedded here without the hook's batching, sharding or device copies.
-  # SEAM: checkpoint_io.restore_variables and predict.encode.
-  variables, _, _ = inference.restore_variables(tmp_path / "checkpoints",
-                                                modules=("encoder", "age"))
+  variables, _, _ = checkpoint_io.restore_variables(tmp_path, modules=("encoder", "age"))
   data = data_sources.synthetic_for(config)
   used = np.unique(data.pairs[:, :2])
-  faces = np.stack([runner.to_model_input(images_lib.resize_image(image, config.image_size))
+  faces = np.stack([datasets.to_model_input(images_lib.resize_image(image, config.image_size))
                     for image in data.test.images[used]])
-  models = mtlface.build_models(config)
-  embeddings = np.asarray(jax.jit(lambda v, x: inference.encode(models, v, x).embedding)(
+  models = spec_lib.build_from_config(config)
+  embeddings = np.asarray(jax.jit(lambda v, x: predict.encode(models, v, x).embedding)(
       variables, faces))
   row = np.searchsorted(used, data.pairs[:, :2])
   expected = verification.evaluate_verification(
@@ -87,7 +86,7 @@ def test_hook_scores_bin_sets_and_pair_lists(tmp_path):
   config.eval.pair_lists = (f"generic:{tmp_path / 'cacd.txt'}",)
   config.eval.images_root, config.eval.num_folds, config.eval.batch_size = str(tmp_path), 2, 4
   mesh = sharding.make_mesh(jax.devices()[:2])
-  models = mtlface.build_models(config)
+  models = spec_lib.build_from_config(config)
   hook = eval_hook.from_config(config, models, mesh)
   assert [s.name for s in hook.sets] == ["agedb_30", "cacd"]
   # Multiples of eval_every, and the run's last step (tiny: num_iter 6).
@@ -114,4 +113,4 @@ def test_eval_config_errors_come_before_training(tmp_path):
   assert not (tmp_path / "none" / "checkpoints").exists()
   # A FAS-only run keeps the encoder frozen: nothing to watch.
   config.train_fr, config.train_fas = False, True
-  assert eval_hook.from_config(config, mtlface.build_models(config), sharding.make_mesh()) is None
+  assert eval_hook.from_config(config, spec_lib.build_from_config(config), sharding.make_mesh()) is None

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from mtlface_jax.training import checkpoint as checkpoint_lib
+from mtlface_jax import checkpoint_io
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config=configs/tiny.py", "--config.train_fas=True", "--config.checkpoint_every=2"]
@@ -60,8 +60,7 @@ def _wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, at_least: int, t
 
 
 def _variables(workdir: Path, step: Optional[int] = None) -> dict:
-  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", async_save=False)
-  raw = ckpt.restore_raw(step)
+  raw, _, _ = checkpoint_io.restore_state(workdir / "checkpoints", step)
   return {"step": int(raw["step"]), "variables": raw["variables"], "opt": raw["opt_states"]}
 
 

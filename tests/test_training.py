@@ -8,7 +8,7 @@ import pytest
 
 from configs import tiny
 from mtlface_jax import batch as batch_lib
-from mtlface_jax.training import checkpoint as checkpoint_lib
+from mtlface_jax import checkpoint_io
 from mtlface_jax.training import loop
 from mtlface_jax.training import optim
 
@@ -25,7 +25,7 @@ def _config(**overrides):
 
 
 def _params(workdir):
-  raw = checkpoint_lib.Checkpointer(workdir / "checkpoints", async_save=False).restore_raw()
+  raw, _, _ = checkpoint_io.restore_state(workdir / "checkpoints")
   return raw["variables"], raw
 
 

@@ -1,7 +1,9 @@
 """orbax checkpoints of the training state, with metadata and safe resume.
 
 Each checkpoint holds the whole :class:`TrainState` (``state``) and a JSON
-``meta`` item (config, step, data position). orbax writes into a temporary
+``meta`` item (config, step, data position). Reading only the variables or the
+metadata of any checkpoint (for evaluation, export, ``init_from``) is
+:mod:`mtlface_jax.checkpoint_io`. orbax writes into a temporary
 directory and renames it when complete, so a crash or SIGKILL during a save
 leaves the previous checkpoint as the latest usable one.
 """
@@ -11,7 +13,6 @@ from typing import Any, Optional
 
 import flax
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -63,37 +64,6 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return flax.serialization.from_state_dict(target, restored["state"]), dict(restored["meta"])
 
-  def restore_meta(self, step: Optional[int] = None) -> dict:
-    """Only the JSON metadata of a checkpoint (e.g. its config)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    return dict(self._manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))["meta"])
-
-  def restore_raw(self, step: Optional[int] = None) -> dict:
-    """The state as saved, as nested dicts of NumPy arrays on the host.
-
-    Targets are shaped from the checkpoint's own metadata, so this works
-    whatever devices saved it (orbax would otherwise restore onto the saving
-    run's mesh and fail with a topology mismatch on other device counts).
-    """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    # A separate manager whose 'state' handler restores NumPy arrays on the
-    # host: StandardRestore insists on the saving run's device topology.
-    manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-        create=False), item_handlers={"state": ocp.PyTreeCheckpointHandler()})
-    try:
-      on_disk = manager.item_metadata(step)["state"]
-      restore_args = jax.tree_util.tree_map(
-          lambda _: ocp.RestoreArgs(restore_type=np.ndarray), on_disk)
-      return manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(restore_args=restore_args)))["state"]
-    finally:
-      manager.close()
-
   def wait(self) -> None:
     """Blocks until any asynchronous save has finished."""
     self._manager.wait_until_finished()
@@ -107,9 +77,3 @@ def _abstract_leaf(leaf):
     return leaf
   sharding = getattr(leaf, "sharding", None)
   return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-
-
-def checkpoint_dir(path: str | Path) -> Path:
-  """Accepts a workdir (with ``checkpoints/``) or a checkpoints directory."""
-  path = Path(path)
-  return path / "checkpoints" if (path / "checkpoints").is_dir() else path

@@ -30,9 +30,9 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
-from mtlface_jax import inference
+from mtlface_jax import predict
 from mtlface_jax.evaluation import datasets
-from mtlface_jax.evaluation import report
+from mtlface_jax.evaluation import protocols
 from mtlface_jax.evaluation import runner
 from mtlface_jax.evaluation import verification
 from mtlface_jax.formats import images as images_lib
@@ -52,7 +52,7 @@ def bin_set(path: str, num_folds: int, image_size: int) -> HeldOutSet:
   """An insightface ``.bin`` set (checked to exist now, read at each evaluation)."""
   if not Path(path).is_file():
     raise FileNotFoundError(f"config.eval.bins: {path} not found")
-  return HeldOutSet(Path(path).stem, lambda embed, batch_size, sharding: runner.verify_bin(
+  return HeldOutSet(Path(path).stem, lambda embed, batch_size, sharding: protocols.score_bin(
       embed, path, batch_size, num_folds, sharding=sharding, progress=False,
       image_size=image_size))
 
@@ -84,9 +84,9 @@ def pair_list_set(entry: str, images_root: str, lfw_crop: bool, num_folds: int,
   pairs, _ = datasets.load_pairs(path, pair_format, root, num_folds)
   pairs = datasets.limit_pairs_per_fold(datasets.with_contiguous_folds(pairs, num_folds),
                                         max_pairs_per_fold)
-  runner.check_pair_files(pairs)
+  datasets.check_pair_files(pairs)
   name = Path(path).parent.name if pair_format == "lfw" else Path(path).stem
-  return HeldOutSet(name, lambda embed, batch_size, sharding: runner.verify_pair_list(
+  return HeldOutSet(name, lambda embed, batch_size, sharding: protocols.score_pair_list(
       embed, pairs, batch_size, lfw_crop, sharding=sharding, progress=False,
       image_size=image_size))
 
@@ -103,9 +103,9 @@ def synthetic_set(data, max_pairs_per_fold: int, image_size: int) -> HeldOutSet:
   row = np.searchsorted(used, pairs[:, :2])
 
   def verify(embed, batch_size, sharding):
-    inputs = (runner.to_model_input(face) for face in faces)
-    embeddings = report.extract_embeddings(embed, inputs, batch_size, sharding=sharding,
-                                           progress=False, total=len(faces))
+    embeddings = runner.extract_embeddings(embed, datasets.array_faces(faces, image_size),
+                                           batch_size, sharding=sharding, progress=False,
+                                           total=len(faces))
     return verification.evaluate_verification(pairs[:, 2].astype(bool), embeddings[row[:, 0]],
                                               embeddings[row[:, 1]], folds=pairs[:, 3])
 
@@ -149,9 +149,9 @@ class VerificationHook:
     self._sharding = runner.data_parallel_sharding(local)
     self._replicated = jax.sharding.NamedSharding(self._sharding.mesh,
                                                   jax.sharding.PartitionSpec())
-    # SEAM: predict.encode (the one flip-averaged encoder; inference mode).
-    self._embed = jax.jit(lambda variables, images: inference.encode(
-        models, variables, images).embedding)
+    # The one flip-averaged encoder of the package (inference mode).
+    self._embed = jax.jit(lambda variables, images: predict.encode(
+        models, variables, images, flip=True).embedding)
 
   def due(self, step: int) -> bool:
     """Whether to evaluate after ``step`` steps."""

@@ -20,9 +20,9 @@ import jax
 import numpy as np
 
 from mtlface_jax import batch as batch_lib
-from mtlface_jax import inference
-from mtlface_jax import synthesis
-from mtlface_jax.models import mtlface
+from mtlface_jax import checkpoint_io
+from mtlface_jax import predict
+from mtlface_jax.models import spec as spec_lib
 from mtlface_jax.training import checkpoint as checkpoint_lib
 from mtlface_jax.training import eval_hook
 from mtlface_jax.training import optim
@@ -59,7 +59,7 @@ class TrainStep:
     fn: the jitted ``steps.train_step`` (donated state, explicit shardings).
   """
   config: Any
-  models: mtlface.MTLFaceModels
+  models: Any
   mesh: jax.sharding.Mesh
   txs: optim.Optimizers
   fn: Callable
@@ -96,7 +96,7 @@ def build_step(config, mesh: jax.sharding.Mesh) -> TrainStep:
   Returns:
     The :class:`TrainStep` that :func:`train` runs.
   """
-  models = mtlface.build_models(config)
+  models = spec_lib.build_from_config(config)
   txs = optim.optimizers_from_config(config)
   fn = steps.make_train_step(models, config, fr_tx=txs.fr, g_tx=txs.g, d_tx=txs.d,
                              state_sharding=sharding.replicated(mesh),
@@ -111,7 +111,7 @@ def load_pretrained(state: state_lib.TrainState, path: str, mesh) -> state_lib.T
   modules present in both runs are taken; optimizer states start fresh.
   """
   # Only the variables are read: the AIFR run's optimizer states stay on disk.
-  source, _, _ = inference.restore_variables(checkpoint_lib.checkpoint_dir(path))
+  source, _, _ = checkpoint_io.restore_variables(path)
   variables = dict(state.variables)
   taken = []
   for name in variables:
@@ -146,9 +146,9 @@ def _sigterm_flag():
 
 def _write_grid(writer, models, state, config, images, step):
   """Logs an age-progression grid of the fixed preview images."""
-  fn = synthesis.jitted_all_groups(models, config.age_group)
+  fn = predict.jitted_all_groups(models, config.age_group)
   synthesized = fn(state.variables, images)
-  grid = synthesis.progression_grid(np.asarray(images), np.asarray(synthesized))
+  grid = predict.progression_grid(np.asarray(images), np.asarray(synthesized))
   writer.write_image(step, "fas/age_progression", grid,
                      writer.workdir / "images" / f"progression_{step:07d}.png")
 

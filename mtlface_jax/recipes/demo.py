@@ -34,13 +34,13 @@ def run_demo(config, workdir: str | Path) -> dict:
     The evaluation report (also written to ``workdir/eval/report.json``).
   """
   from mtlface_jax import data_sources  # pylint: disable=g-import-not-at-top
-  from mtlface_jax.evaluation import protocols  # pylint: disable=g-import-not-at-top
-  from mtlface_jax.training import stages  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.recipes import heldout  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.recipes import stages  # pylint: disable=g-import-not-at-top
   workdir = Path(workdir)
   start = time.time()
   timings = stages.train_aifr_then_fas(config, workdir)
-  report = protocols.evaluate_synthetic(str(workdir / "fas"), data=data_sources.synthetic_for(config),
-                                        output_dir=workdir / "eval", progress=True)
+  report = heldout.evaluate_synthetic(str(workdir / "fas"), data=data_sources.synthetic_for(config),
+                                      output_dir=workdir / "eval", progress=True)
   report["timings"] = {**timings, "total_s": time.time() - start}
   (workdir / "eval" / "report.json").write_text(json.dumps(report, indent=2, default=float))
   return report
