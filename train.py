@@ -1,7 +1,8 @@
 """Train MTLFace (AIFR, FAS or both): a thin entry point over mtlface_jax.training.
 
   python train.py --config=configs/aifr_scaf.py --workdir=runs/aifr \\
-      --config.data.list_file=scaf.txt --config.data.image_root=/data/casia
+      --config.data.mtlface_list.file=scaf.txt \\
+      --config.data.mtlface_list.image_root=/data/casia
   python train.py --config=configs/fas_scaf.py --workdir=runs/fas --config.init_from=runs/aifr
 
 Multi-host: launch one process per host with --multihost (JAX reads the
@@ -25,7 +26,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training config file.")
+# Locked: an override naming a key configs/common.py does not declare fails.
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training config file.",
+                                          lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).", required=True)
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize().")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")

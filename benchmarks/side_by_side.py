@@ -89,7 +89,7 @@ def host_batches(task: str, batch: int, tiny: bool) -> tuple[object, list]:
   """The config of ``task:batch`` and its NUM_BATCHES seeded NumPy batches."""
   config = train_throughput.build_config(task if task != "infer" else "aifr", batch,
                                          "reduced" if tiny else "full", "bfloat16")
-  return config, train_throughput.random_batches(config, NUM_BATCHES, seed=0, on_device=False)
+  return config, train_throughput.random_batches(config, NUM_BATCHES, on_device=False)
 
 
 def jax_run(spec: dict) -> dict:
@@ -111,12 +111,13 @@ def jax_run(spec: dict) -> dict:
     run_step = lambda carry, i: compiled(variables, images[i % len(images)])[0, 0] + carry
     state = jax.numpy.zeros(())
   else:
-    _, step_fn, build, rep, split = train_throughput.train_setup(args, task, batch)
-    state = jax.jit(build, out_shardings=rep)(jax.random.PRNGKey(0))
-    batches = [jax.device_put(b, split) for b in host]
-    rng = jax.device_put(jax.random.PRNGKey(1), rep)
+    _, step = train_throughput.train_setup(args, task, batch)
+    state = jax.jit(step.initial_state, out_shardings=step.state_sharding)(
+        jax.random.PRNGKey(0))
+    batches = [jax.device_put(b, step.batch_sharding) for b in host]
+    rng = jax.device_put(jax.random.PRNGKey(1), step.state_sharding)
     start = time.perf_counter()
-    compiled = step_fn.lower(state, batches[0], rng).compile()
+    compiled = step.fn.lower(state, batches[0], rng).compile()
     compile_s = time.perf_counter() - start
     run_step = lambda s, i: compiled(s, batches[i % len(batches)], rng)[0]
   for i in range(spec["warmup"]):

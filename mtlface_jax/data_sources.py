@@ -1,13 +1,15 @@
 """From a config's ``data`` section to training batches.
 
-``config.data.name`` selects the examples:
+``config.data.name`` selects the examples; each source reads its own section
+``config.data.<name>`` (declared in configs/common.py):
   - ``synthetic_faces``: the embedded procedural dataset (mtlface_jax/synthetic.py);
-  - ``mtlface_list``: an ``id filename age gender`` list over an image root;
-  - ``face_shards``: the LFW + UTKFace shards of mtlface_jax/real_data.py;
-  - ``tfds``: any TFDS dataset with image/id/age/gender features
-    (``config.data.tfds_name``, ``config.data.tfds_split``).
-Batches follow the contract of mtlface_jax/input_pipeline.py and resume
-exactly from any step.
+  - ``mtlface_list``: an ``id filename age gender`` list (``file``) over ``image_root``;
+  - ``face_shards``: the LFW + UTKFace shards of mtlface_jax/real_data.py (``dir``);
+  - ``tfds``: any TFDS dataset with image/id/age/gender features (``name``,
+    ``split``, ``data_dir``).
+``data.crop_scale`` and ``data.skip_bad_examples`` apply to every source.
+Batches follow the contract of mtlface_jax/batch.py and resume exactly from
+any step.
 
 Bad input is found before the first step: every line of an ``mtlface_list``
 is parsed and every file it names is checked (``config.data.verify_images``:
@@ -25,15 +27,12 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from mtlface_jax import batch as batch_lib
 from mtlface_jax import input_pipeline
 from mtlface_jax import synthetic
 from mtlface_jax.formats.parse_report import ParseReport
 
 VERIFY_MODES = ("off", "header", "full")
-
-# Keys the jitted training step receives; the pipeline's bookkeeping stays host-side.
-STEP_KEYS = ("image", "id", "age", "group", "gender")
-FAS_KEYS = ("target_group", "target_image")
 
 
 @functools.lru_cache(maxsize=2)
@@ -47,8 +46,8 @@ def synthetic_dataset(num_identities: int, images_per_identity: int, seed: int,
 
 
 def synthetic_for(config) -> synthetic.SyntheticFaces:
-  """The synthetic dataset of ``config.data``."""
-  d = config.data
+  """The synthetic dataset of ``config.data.synthetic_faces``."""
+  d = config.data.synthetic_faces
   return synthetic_dataset(d.num_identities, d.images_per_identity, d.seed, d.test_fraction,
                            d.num_folds, d.pairs_per_fold)
 
@@ -62,14 +61,14 @@ def train_source(config) -> input_pipeline.Source:
     from mtlface_jax.formats import lists  # pylint: disable=g-import-not-at-top
     try:
       records, report = lists.parse_mtlface_list(
-          d.list_file, d.image_root or None, num_ids=config.model.num_classes,
+          d.mtlface_list.file, d.mtlface_list.image_root or None, num_ids=config.model.num_classes,
           skip_bad_examples=d.skip_bad_examples)
       records = check_image_files(records, d.get("verify_images", "header"),
                                   d.skip_bad_examples, report)
     except ValueError as error:  # Already one line naming list:line.
       raise input_pipeline.BadExampleError(str(error)) from None
     if report.num_skipped:
-      logging.warning("%s: %s", d.list_file, report.summary())
+      logging.warning("%s: %s", d.mtlface_list.file, report.summary())
     source = input_pipeline.source_from_records(records, skip_bad_examples=d.skip_bad_examples)
     # Name examples by list line too, so decode errors and skips point at it.
     line_of = {r.path: r.source for r in reversed(records)}
@@ -82,7 +81,8 @@ def train_source(config) -> input_pipeline.Source:
   if d.name == "face_shards":
     return real_data_source(config)
   if d.name == "tfds":
-    return input_pipeline.source_from_tfds(d.tfds_name, d.tfds_split, data_dir=d.tfds_data_dir or None)
+    return input_pipeline.source_from_tfds(d.tfds.name, d.tfds.split,
+                                           data_dir=d.tfds.data_dir or None)
   raise ValueError(f"unknown config.data.name {d.name!r}; use synthetic_faces, mtlface_list, "
                    "face_shards or tfds")
 
@@ -142,9 +142,9 @@ def check_image_files(records: list, mode: str, skip_bad_examples: bool,
 def real_data_source(config) -> input_pipeline.Source:
   """The training split of the LFW + UTKFace shards (``configs/real_lfw_utkface.py``)."""
   from mtlface_jax import real_data  # pylint: disable=g-import-not-at-top
-  shards = real_data.ShardSet(config.data.shards_dir)
+  shards = real_data.ShardSet(config.data.face_shards.dir)
   if shards.num_classes != config.model.num_classes:
-    raise ValueError(f"{config.data.shards_dir} has {shards.num_classes} training identities "
+    raise ValueError(f"{config.data.face_shards.dir} has {shards.num_classes} training identities "
                      f"but config.model.num_classes is {config.model.num_classes}; pass "
                      f"--config.model.num_classes={shards.num_classes}")
   return shard_train_source(shards)
@@ -189,7 +189,7 @@ class TrainBatches:
       merged = ParseReport(skipped=earlier)
       merged.merge(self.report)
       self.report = merged
-    self._keys = STEP_KEYS + (FAS_KEYS if config.train_fas else ())
+    self._keys = batch_lib.keys(config)
     self._batches = iter(self._pipeline)
 
   def __iter__(self) -> "TrainBatches":

@@ -1,6 +1,8 @@
 """tf.data input pipelines that yield the MTLFace batch contract.
 
-Batches are dicts of NumPy arrays (one host's share of the global batch)::
+Batches are dicts of NumPy arrays (one host's share of the global batch); the
+step's keys and dtypes are those of :mod:`mtlface_jax.batch` (the contract),
+``index`` is host-side bookkeeping::
 
   image   float32 [b, S, S, 3] in [-1, 1]   ((x / 255 - 0.5) / 0.5), RGB
   id      int32   [b]   identity, -1 unknown

@@ -147,7 +147,7 @@ def test_recipe_end_to_end_on_a_tiny_model(shards_dir, tmp_path):
     config[key] = small[key]
   config.model.update(small.model)
   config.model.num_classes = 14
-  config.data.shards_dir = str(shards_dir)
+  config.data.face_shards.dir = str(shards_dir)
   config.num_iter, config.fas_num_iter = 2, 1
   config.optim.warmup, config.optim.milestone = 1, (1, 2)
   config.log_every, config.checkpoint_every = 1, 2

@@ -41,6 +41,11 @@ class ParseReport:
     """
     self.skipped.append((str(location), reason))
 
+  def merge(self, other: "ParseReport") -> None:
+    """Adds the counts and skips of ``other`` to this report."""
+    self.num_ok += other.num_ok
+    self.skipped.extend(other.skipped)
+
   def reasons(self) -> dict[str, int]:
     """Returns how many entries were skipped for each kind of reason.
 

@@ -5,7 +5,7 @@ One command (README "Real faces")::
     python -m mtlface_jax.recipes.lfw_utkface --config=configs/real_lfw_utkface.py \
         --workdir=real_out
 
-builds the shards if ``config.data.shards_dir`` has none
+builds the shards if ``config.data.face_shards.dir`` has none
 (:mod:`mtlface_jax.real_data`), trains AIFR then FAS
 (:mod:`mtlface_jax.recipes.stages`; both resume), and writes
 ``workdir/eval/report.json`` / ``report.txt`` / ``roc.png`` and the
@@ -111,12 +111,12 @@ def run(config, workdir, *, progress: bool = True) -> dict[str, Any]:
   """
   from mtlface_jax.recipes import stages  # pylint: disable=g-import-not-at-top
   start, workdir = time.time(), Path(workdir)
-  data = config.data
-  if not (Path(data.shards_dir) / real_data.MANIFEST).is_file():
-    real_data.prepare(data.lfw_dir, data.utkface_dir, data.shards_dir, seed=data.split_seed,
+  data = config.data.face_shards
+  if not (Path(data.dir) / real_data.MANIFEST).is_file():
+    real_data.prepare(data.lfw_dir, data.utkface_dir, data.dir, seed=data.split_seed,
                       train_fraction=data.utkface_train_fraction, progress=progress)
   timings = {"prepare_s": time.time() - start}
-  shards = real_data.ShardSet(data.shards_dir)
+  shards = real_data.ShardSet(data.dir)
   timings.update(stages.train_aifr_then_fas(config, workdir))
   before_eval = time.time()
   report = evaluate(str(workdir / "fas"), shards, workdir / "eval", progress=progress)
@@ -139,6 +139,6 @@ if __name__ == "__main__":
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   _CONFIG = config_flags.DEFINE_config_file("config", "configs/real_lfw_utkface.py",
-                                            "Recipe config.")
+                                            "Recipe config.", lock_config=True)
   _WORKDIR = flags.DEFINE_string("workdir", "real_out", "Output directory.")
   app.run(main)
