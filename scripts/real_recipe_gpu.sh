@@ -95,7 +95,7 @@ run_recipe() {
   # shellcheck disable=SC2086  # RECIPE_ARGS holds several flags
   timeout --signal=TERM --kill-after=10 "$limit" \
     "$PYTHON" -m mtlface_jax.recipes.lfw_utkface --config="$CONFIG" --workdir="$WORK" \
-    --config.data.shards_dir="$SHARDS" ${RECIPE_ARGS:-} >"$WORK/recipe_stdout.log" 2>&1
+    --config.data.face_shards.dir="$SHARDS" ${RECIPE_ARGS:-} >"$WORK/recipe_stdout.log" 2>&1
   local code=$?
   tail -n 300 "$WORK/recipe_stdout.log" >>"$LOG"
   log "recipe exit $code after $((SECONDS - start)) s"

@@ -279,8 +279,9 @@ def test_training_config_list_uses_the_shared_range(tmp_path):
   path = _write(tmp_path / "train.txt", "0 a.jpg 105 1\n1 b.jpg 30 0\n")
   config = ml_collections.ConfigDict({
       "model": {"num_classes": 2},
-      "data": {"name": "mtlface_list", "list_file": str(path),
-               "image_root": str(tmp_path), "skip_bad_examples": False,
+      "data": {"name": "mtlface_list",
+               "mtlface_list": {"file": str(path), "image_root": str(tmp_path)},
+               "skip_bad_examples": False,
                # The images are not written: only the labels are under test.
                "verify_images": "off"}})
   source = data_sources.train_source(config)

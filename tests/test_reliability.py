@@ -20,15 +20,13 @@ from mtlface_jax import convert
 from mtlface_jax import data_sources
 from mtlface_jax import input_pipeline
 from mtlface_jax.formats.parse_report import ParseReport
-from mtlface_jax.models import spec as spec_lib
 from mtlface_jax.training import checkpoint as checkpoint_lib
 from mtlface_jax.training import loop
-from mtlface_jax.training import optim
 from mtlface_jax.training import run_config
 from mtlface_jax.training import sharding
 from mtlface_jax.training import transfer
 from mtlface_jax.training import writers
-from tests import training_utils
+from mtlface_jax import batch as batch_lib
 
 
 def _config(**overrides):
@@ -44,8 +42,7 @@ def _config(**overrides):
 
 def _fresh_state(config):
   mesh = sharding.make_mesh(jax.devices()[:1])
-  models = spec_lib.build_from_config(config)
-  return loop.create_state(config, models, mesh, optim.optimizers_from_config(config)), mesh
+  return loop.build_step(config, mesh).create_state(), mesh
 
 
 def _save_run(workdir: Path, config, step: int = 0):
@@ -100,7 +97,7 @@ def test_resume_with_another_computation_is_refused(tmp_path):
   _save_run(tmp_path, _config(), step=2)
   changed = _config(batch_size=16, **{"optim.lr": 0.2})
   with pytest.raises(run_config.ResumeConfigError) as error:
-    loop.train(changed, tmp_path, batches_fn=training_utils.fake_batches)
+    loop.train(changed, tmp_path, batches_fn=batch_lib.fake_batches)
   message = str(error.value)
   assert "batch_size: 8 -> 16" in message and "optim.lr: 0.1 -> 0.2" in message
   assert "resume_config_change=allow" in message
@@ -109,7 +106,7 @@ def test_resume_with_another_computation_is_refused(tmp_path):
   assert run_config.changed_keys(_config(), _config(num_iter=60, log_every=7))[0] == []
   bigger = _config(resume_config_change="allow", **{"model.depths": (8, 8, 16, 32)})
   with pytest.raises(transfer.VariableMismatchError) as error:
-    loop.train(bigger, tmp_path, batches_fn=training_utils.fake_batches)
+    loop.train(bigger, tmp_path, batches_fn=batch_lib.fake_batches)
   message = str(error.value)
   assert "cannot resume from" in message and "encoder/params/" in message
   assert "model.depths (checkpoint [8, 8, 16, 16], this config [8, 8, 16, 32])" in message
@@ -147,7 +144,7 @@ class _Interrupting:
   """Fake batches that raise SIGINT while fetching step ``at``, with a skip report."""
 
   def __init__(self, config, start, at):
-    self._it, self._step, self._at = training_utils.fake_batches(config, start), start, at
+    self._it, self._step, self._at = batch_lib.fake_batches(config, start), start, at
     self.report = ParseReport(num_ok=78)
     self.report.skip("list.txt:3", "image file a.jpg not found")
     self.report.skip("list.txt:9", "cannot decode image")
@@ -180,7 +177,7 @@ def test_interrupt_fallback_resume_and_metrics_once(tmp_path, caplog):
                 key=lambda p: p.stat().st_size)[-1]
   data.write_bytes(data.read_bytes()[:16])
   caplog.set_level("WARNING")
-  summary = loop.train(config, tmp_path, batches_fn=training_utils.fake_batches)
+  summary = loop.train(config, tmp_path, batches_fn=batch_lib.fake_batches)
   assert summary["step"] == 4 and not summary["preempted"] and loop.exit_code(summary) == 0
   assert any("checkpoints/3 cannot be restored" in r.getMessage() for r in caplog.records)
   assert len(list((tmp_path / checkpoint_lib.BROKEN_DIR).glob("3-*"))) == 1
@@ -196,7 +193,7 @@ def test_a_stop_requested_during_start_up_saves_the_first_step(tmp_path):
   # What train.py's early handler does for a SIGTERM while restoring/compiling.
   loop.request_stop("SIGTERM")
   summary = loop.train(_config(num_iter=4, checkpoint_every=4), tmp_path,
-                       batches_fn=training_utils.fake_batches)
+                       batches_fn=batch_lib.fake_batches)
   assert summary["step"] == 1 and summary["preempted"] and loop.exit_code(summary) == 75
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
 
@@ -219,8 +216,8 @@ def test_bad_list_entries_found_before_the_first_step(tmp_path):
   lines = [f"{i % 10} {n} 30 1" for i, n in enumerate(names)]
   lines[3:3] = ["1 missing.jpg 30 1", "2 junk.jpg 30 0", "3 cut.png 40 1"]
   (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
-  config = _config(**{"data.name": "mtlface_list", "data.list_file": str(tmp_path / "list.txt"),
-                      "data.image_root": str(tmp_path)})
+  config = _config(**{"data.name": "mtlface_list", "data.mtlface_list.file": str(tmp_path / "list.txt"),
+                      "data.mtlface_list.image_root": str(tmp_path)})
   with pytest.raises(input_pipeline.BadExampleError, match=r"list\.txt:4: image file .*missing"):
     data_sources.train_source(config)
   config.data.verify_images = "full"
