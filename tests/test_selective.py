@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import selective_ft
+from mtlface_jax import synthetic
 from mtlface_jax.evaluation import verification
 from mtlface_jax.recipes import selective
 from tests import test_eval_cli
@@ -63,7 +64,21 @@ def tiny_run_configs():
   return aifr, fas
 
 
-def test_three_arms_end_to_end(tmp_path):
+def test_training_source_appends_kept_faces_under_their_source():
+  split = synthetic.make_dataset(3, 2, seed=0, test_fraction=0.0).train
+  candidates = {"images": np.full((3, 16, 16, 3), 7, np.uint8), "source": np.array([0, 4, 5]),
+                "target_group": np.array([6, 0, 2])}
+  keep = np.array([True, False, True])
+  source = selective.training_source(split, candidates, keep, image_size=16, num_groups=7)
+  assert len(source) == len(split.ids) + 2 and source.images.shape[1:] == (16, 16, 3)
+  np.testing.assert_array_equal(source.ids[-2:], split.ids[[0, 5]])
+  np.testing.assert_array_equal(source.genders[-2:], split.genders[[0, 5]])
+  np.testing.assert_allclose(source.ages[-2:], [65, 25])
+  assert (source.images[-2:] == 7).all()
+
+
+def test_arms_end_to_end(tmp_path):
+  """No fine-tuning and selective fine-tuning (plain differs only in `keep`)."""
   aifr, fas = tiny_run_configs()
   source = tmp_path / "demo"
   test_eval_cli.write_untrained_checkpoint(aifr, source / "aifr")
@@ -71,19 +86,20 @@ def test_three_arms_end_to_end(tmp_path):
   config = selective_ft.get_config()
   s = config.selective
   s.ft_num_iter, s.ft_warmup, s.batch_size, s.chunk = 1, 0, 8, 16
+  s.arms = ("no_finetune", "selective_finetune")  # One train-step compile (CPU time).
   result = selective.run_ablation(config, tmp_path / "out", source)
   written = json.loads((tmp_path / "out" / "ablation.json").read_text())
-  assert set(written["arms"]) == set(selective.ARMS)
+  assert set(written["arms"]) == {"no_finetune", "selective_finetune"}
   selection = written["selection"]
   # 5 training identities x 8 faces, each into the 6 groups that are not its own.
   assert selection["candidates"] == 40 * 6
   assert selection["kept"] == sum(g["kept"] for g in selection["per_group"].values())
   assert selection["tau_source"].startswith("threshold at FAR 0.001")
   arms = written["arms"]
-  assert arms["plain_finetune"]["num_synthetic"] == 240
   assert arms["selective_finetune"]["num_synthetic"] == selection["kept"]
-  for arm in ("plain_finetune", "selective_finetune"):
-    assert arms[arm]["steps"] == 1 and (tmp_path / "out" / arm / "checkpoints").is_dir()
+  assert arms["selective_finetune"]["num_real"] == 40
+  assert arms["selective_finetune"]["steps"] == 1
+  assert (tmp_path / "out" / "selective_finetune" / "checkpoints").is_dir()
   for entry in arms.values():
     assert 0.0 <= entry["heldout"]["verification_accuracy"] <= 1.0
   assert result["selection"]["tau"] == selection["tau"]
