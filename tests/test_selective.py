@@ -1,7 +1,6 @@
 """Selective fine-tuning (recipes/selective.py): selection, tau, and the three arms."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -25,7 +25,7 @@ with held-out verification of each (``recipes.heldout.evaluate_synthetic``).
 
 import json
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import numpy as np
 
