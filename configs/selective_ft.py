@@ -23,7 +23,8 @@ def get_config():
   s.ft_lr = 0.01
   s.ft_num_iter = 50
   s.ft_warmup = 5
-  s.ft_seed = 0
+  # One fine-tuning run per seed per arm; ablation.json has their mean and std.
+  s.ft_seeds = (0,)
   # Which arms run: no fine-tuning, plain (all synthesized faces), selective.
   s.arms = ("no_finetune", "plain_finetune", "selective_finetune")
   s.batch_size = 64  # Inference batch for synthesis, judging and evaluation.

@@ -97,8 +97,11 @@ def test_arms_end_to_end(tmp_path):
   arms = written["arms"]
   assert arms["selective_finetune"]["num_synthetic"] == selection["kept"]
   assert arms["selective_finetune"]["num_real"] == 40
-  assert arms["selective_finetune"]["steps"] == 1
-  assert (tmp_path / "out" / "selective_finetune" / "checkpoints").is_dir()
+  (run,) = arms["selective_finetune"]["runs"]
+  assert run["seed"] == 0 and run["steps"] == 1
+  assert arms["selective_finetune"]["verification_accuracy_mean"] == (
+      run["heldout"]["verification_accuracy"])
+  assert (tmp_path / "out" / "selective_finetune" / "seed0" / "checkpoints").is_dir()
   for entry in arms.values():
-    assert 0.0 <= entry["heldout"]["verification_accuracy"] <= 1.0
+    assert 0.0 <= entry["verification_accuracy_mean"] <= 1.0
   assert result["selection"]["tau"] == selection["tau"]

@@ -175,13 +175,13 @@ def batches_from(source: input_pipeline.Source):
   return batches_fn
 
 
-def finetune_config(aifr_dir, options):
+def finetune_config(aifr_dir, options, seed: int = 0):
   """The AIFR run's own config, turned into a short low-LR fine-tuning (ours).
 
   Args:
     aifr_dir: the AIFR training workdir (``init_from``).
-    options: ``config.selective`` (``ft_lr``, ``ft_num_iter``, ``ft_warmup``,
-      ``ft_seed``).
+    options: ``config.selective`` (``ft_lr``, ``ft_num_iter``, ``ft_warmup``).
+    seed: the run's seed (batch order, flips, dropout).
 
   Returns:
     The ConfigDict for ``loop.train``.
@@ -195,7 +195,7 @@ def finetune_config(aifr_dir, options):
   config.optim.warmup = int(options.ft_warmup)
   config.optim.milestone = ()  # A constant low rate after warm-up.
   config.optim.min_lr = min(float(config.optim.min_lr), float(options.ft_lr))
-  config.seed = int(options.ft_seed)
+  config.seed = int(seed)
   config.checkpoint_every = config.num_iter
   config.image_every = 0
   return config
@@ -242,7 +242,8 @@ def run_ablation(config, workdir, from_dir) -> dict[str, Any]:
 
   Args:
     config: ``configs/selective_ft.py`` (reads ``config.selective``).
-    workdir: output folder (``<arm>/`` runs and reports, ``ablation.json``).
+    workdir: output folder (``<arm>/seed<k>/`` runs and their ``eval/``
+      reports, ``ablation.json``).
     from_dir: a workdir with ``aifr/`` and ``fas/`` runs.
 
   Returns:
@@ -261,18 +262,32 @@ def run_ablation(config, workdir, from_dir) -> dict[str, Any]:
   for arm in arms:
     if arm == "no_finetune":
       summary = _evaluate(str(from_dir / "aifr"), data, workdir / arm / "eval", batch)
-      result["arms"][arm] = {"num_synthetic": 0, "heldout": summary}
+      result["arms"][arm] = {"num_synthetic": 0, "heldout": summary,
+                             "verification_accuracy_mean": summary["verification_accuracy"],
+                             "verification_accuracy_std_over_seeds": 0.0}
       continue
     source = training_source(data.train, candidates, keeps[arm], prepared["image_size"],
                              prepared["num_groups"])
-    ft = finetune_config(from_dir / "aifr", options)
-    trained = loop.train(ft, workdir / arm, batches_fn=batches_from(source))
-    summary = _evaluate(str(workdir / arm), data, workdir / arm / "eval", batch)
     result["arms"][arm] = {"num_synthetic": int(keeps[arm].sum()),
-                           "num_real": len(data.train.ids), "steps": trained["step"],
-                           "last_metrics": trained["last_metrics"], "heldout": summary}
+                           "num_real": len(data.train.ids),
+                           **_finetune_runs(source, from_dir, workdir / arm, options, data)}
   (workdir / "ablation.json").write_text(json.dumps(_jsonable(result), indent=2))
   return result
+
+
+def _finetune_runs(source, from_dir: Path, arm_dir: Path, options, data) -> dict:
+  """One fine-tuning run per ``options.ft_seeds``, each evaluated; mean and std."""
+  runs = []
+  for seed in options.ft_seeds:
+    out = arm_dir / f"seed{seed}"
+    trained = loop.train(finetune_config(from_dir / "aifr", options, seed), out,
+                         batches_fn=batches_from(source))
+    runs.append({"seed": int(seed), "steps": trained["step"],
+                 "last_metrics": trained["last_metrics"],
+                 "heldout": _evaluate(str(out), data, out / "eval", int(options.batch_size))})
+  accuracy = [r["heldout"]["verification_accuracy"] for r in runs]
+  return {"runs": runs, "verification_accuracy_mean": float(np.mean(accuracy)),
+          "verification_accuracy_std_over_seeds": float(np.std(accuracy))}
 
 
 def _jsonable(value):
@@ -293,7 +308,8 @@ def main(argv) -> None:
   result = run_ablation(_CONFIG.value, _WORKDIR.value, _FROM.value)
   print(json.dumps({"selection": {k: v for k, v in result["selection"].items()
                                   if k != "per_group"},
-                    "arms": {a: r["heldout"] for a, r in result["arms"].items()}},
+                    "arms": {a: {k: v for k, v in r.items() if k.startswith("verif")}
+                             for a, r in result["arms"].items()}},
                    indent=2, default=str))
 
 
