@@ -36,6 +36,8 @@ from mtlface_jax.formats import images as images_lib
 
 PROTOCOLS = ("verification", "identification", "age", "fas")
 PAIR_FORMATS = ("auto", "generic", "numbered", "lfw")
+# ECAF's two alignments of the same faces: image_data/img_<alignment>/.
+ECAF_ALIGNMENTS = ("mtcnn", "ffhq")
 # What a bad input raises; each becomes one line "eval.py: error: ...".
 INPUT_ERRORS = (ValueError, FileNotFoundError, pickle.UnpicklingError)
 
@@ -62,6 +64,8 @@ class EvalOptions:
   pair_list: Any = ()
   pair_format: str = "auto"
   bins: Any = ()
+  ecaf: str = ""
+  ecaf_alignment: str = "mtcnn"
   folder: str = ""
   folder_format: str = ""
   list: str = ""
@@ -131,6 +135,12 @@ def _define_source_flags(d: dict) -> None:
                     "auto: from each list's first line; generic: 'path1 path2 same "
                     "[fold]'; numbered (CACD-VS): 'n path1 path2 same'; lfw: pairs.txt. "
                     "Names with spaces: \"quoted name.jpg\" or tab-separated fields.", **d)
+  flags.DEFINE_string("ecaf", "", "ECAF root (verification): every image_pairs/*.txt "
+                      "('img1 img2 1|-1', 10 contiguous folds, see --num_folds) is scored "
+                      "as its own set ecaf_<stem>, images under image_data/img_<--ecaf_"
+                      "alignment>/.", **d)
+  flags.DEFINE_enum("ecaf_alignment", "mtcnn", ECAF_ALIGNMENTS, "ECAF image folder: "
+                    "mtcnn (img_mtcnn) or ffhq (img_ffhq).", **d)
   flags.DEFINE_multi_string("bin", [], "insightface .bin set(s) (verification), "
                             "[name=]path, e.g. agedb_30.bin; repeat the flag for several. "
                             "Each is scored on its own: a bad one is reported and the run "
@@ -361,7 +371,7 @@ def check_paths(options: EvalOptions) -> None:
   given += [("pair_list", v) for v in as_paths(options.pair_list)]
   given += [("bin", v) for v in as_paths(options.bins)]
   given += [("list", options.list), ("gallery", options.gallery), ("probe", options.probe),
-            ("folder", options.folder)]
+            ("folder", options.folder), ("ecaf", options.ecaf)]
   given = [(flag, split_name(value)[1]) for flag, value in given if value]
   given += [("images_root", options.images_root), ("age_checkpoint", options.age_checkpoint),
             ("id_checkpoint", options.id_checkpoint)]
@@ -382,6 +392,9 @@ def check_options(options: EvalOptions, names: Sequence[str]) -> None:
   if options.nested not in datasets.NESTED_MODES:
     raise ValueError(f"--nested must be one of {datasets.NESTED_MODES}, got "
                      f"{options.nested!r}")
+  if options.ecaf_alignment not in ECAF_ALIGNMENTS:
+    raise ValueError(f"--ecaf_alignment must be one of {ECAF_ALIGNMENTS}, got "
+                     f"{options.ecaf_alignment!r}")
   if options.pair_format not in PAIR_FORMATS:
     raise ValueError(f"--pair_format must be one of {PAIR_FORMATS}, got "
                      f"{options.pair_format!r}")
@@ -487,6 +500,8 @@ def _verification(ctx: _Run) -> None:
     default = Path(path).parent.name if pair_format == "lfw" else Path(path).stem
     _pair_list(ctx, path, pair_format, options.images_root or None, ordinals,
                name or default or "pairs")
+  if options.ecaf:
+    _ecaf(ctx, ordinals)
   for value in as_paths(options.bins):
     _bin_set(ctx, value, ordinals)
   if options.synthetic:
@@ -496,7 +511,43 @@ def _verification(ctx: _Run) -> None:
                                         options.max_pairs_per_fold)
     _add(ctx, "verification", "synthetic", result,
          {"source": "synthetic test pairs", "num_pairs": result.num_pairs})
-  _require_results(ctx, "verification", "--pairs, --pair_list, --bin or --synthetic")
+  _require_results(ctx, "verification", "--pairs, --pair_list, --ecaf, --bin or --synthetic")
+
+
+def ecaf_sources(root, alignment: str = "mtcnn") -> tuple[list[Path], Path]:
+  """ECAF's pair lists and the image folder their names are relative to.
+
+  The layout is the distributed one (docs/evaluation.md): ``image_pairs/*.txt``
+  and ``image_data/img_mtcnn`` / ``image_data/img_ffhq``.
+
+  Args:
+    root: the ECAF folder.
+    alignment: "mtcnn" or "ffhq".
+
+  Returns:
+    (sorted pair lists, image folder).
+
+  Raises:
+    FileNotFoundError: naming the missing part of the layout.
+  """
+  root = Path(root)
+  lists_found = sorted((root / "image_pairs").glob("*.txt"))
+  if not lists_found:
+    raise FileNotFoundError(f"--ecaf: no image_pairs/*.txt under {root}")
+  images = root / "image_data" / f"img_{alignment}"
+  if not images.is_dir():
+    raise FileNotFoundError(f"--ecaf: {images} is not a folder (--ecaf_alignment="
+                            f"{alignment})")
+  return lists_found, images
+
+
+def _ecaf(ctx: _Run, ordinals) -> None:
+  """Scores every ECAF pair list: generic 'img1 img2 1|-1' lines, contiguous folds."""
+  # Ours (docs/architecture.md T3): the +-1 format and LFW-style 10-fold accuracy
+  # are inferred from the original's .bin converter and the author's remarks.
+  pair_lists, images = ecaf_sources(ctx.options.ecaf, ctx.options.ecaf_alignment)
+  for path in pair_lists:
+    _pair_list(ctx, str(path), "generic", str(images), ordinals, f"ecaf_{path.stem}")
 
 
 def _lfw_images_root(pairs_path: str) -> str:

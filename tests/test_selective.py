@@ -1,0 +1,107 @@
+"""Selective fine-tuning (recipes/selective.py): selection, tau, and the three arms."""
+
+import json
+
+import numpy as np
+import pytest
+
+from configs import selective_ft
+from mtlface_jax import synthetic
+from mtlface_jax.evaluation import verification
+from mtlface_jax.recipes import selective
+from tests import test_eval_cli
+
+
+def test_select_keeps_group_matches_at_or_above_tau():
+  target = np.array([0, 0, 1, 1, 1, 2])
+  estimated = np.array([0, 1, 1, 1, 0, 2])
+  cosine = np.array([0.9, 0.9, 0.5, 0.49, 0.99, 0.2])
+  keep, report = selective.select(target, estimated, cosine, tau=0.5, num_groups=4)
+  np.testing.assert_array_equal(keep, [True, False, True, False, False, False])
+  assert report["kept"] == 2 and report["candidates"] == 6
+  assert report["kept_fraction"] == pytest.approx(2 / 6)
+  assert report["group_match_fraction"] == pytest.approx(4 / 6)
+  assert report["identity_pass_fraction"] == pytest.approx(4 / 6)
+  assert report["per_group"]["0"] == {"candidates": 2, "kept": 1, "kept_fraction": 0.5}
+  assert report["per_group"]["1"]["kept_fraction"] == pytest.approx(1 / 3)
+  assert report["per_group"]["2"]["kept_fraction"] == 0.0
+  assert report["per_group"]["3"] == {"candidates": 0, "kept": 0, "kept_fraction": None}
+
+
+def test_tau_at_far_is_just_above_the_highest_allowed_negative():
+  # 1000 negatives at cosine 0..0.999 and 10 positives at 0.9995: at FAR 1e-3 one
+  # negative may pass, so the threshold sits just above the second highest (0.998).
+  rng = np.random.default_rng(0)
+  neg = np.arange(1000) / 1000.0
+  scores = np.concatenate([np.full(10, 0.9995), neg])
+  issame = np.concatenate([np.ones(10, bool), np.zeros(1000, bool)])
+  # Unit embeddings whose dot product is the score: e1 = x axis, e2 at angle acos(s).
+  angle = np.arccos(scores)
+  e1 = np.tile([[1.0, 0.0]], (len(scores), 1))
+  e2 = np.stack([np.cos(angle), np.sin(angle)], axis=1)
+  order = rng.permutation(len(scores))
+  result = verification.evaluate_verification(issame[order], e1[order], e2[order],
+                                              num_folds=2)
+  tau = selective.tau_at_far(result, 1e-3)
+  assert 0.998 < tau <= 0.9985
+  with pytest.raises(ValueError, match="FAR 0.01 not evaluated"):
+    selective.tau_at_far(result, 1e-2)
+
+
+def test_group_mid_ages():
+  np.testing.assert_allclose(selective.group_mid_ages(7), [5, 15, 25, 35, 45, 55, 65])
+
+
+def tiny_run_configs():
+  """AIFR and FAS configs of one tiny run whose data has held-out pairs."""
+  fas = test_eval_cli.tiny_config()
+  fas.data.test_fraction = 0.5
+  fas.data.num_folds = 2
+  fas.data.pairs_per_fold = 4
+  aifr = fas.copy_and_resolve_references()
+  aifr.train_fr, aifr.train_fas = True, False
+  return aifr, fas
+
+
+def test_training_source_appends_kept_faces_under_their_source():
+  split = synthetic.make_dataset(3, 2, seed=0, test_fraction=0.0).train
+  candidates = {"images": np.full((3, 16, 16, 3), 7, np.uint8), "source": np.array([0, 4, 5]),
+                "target_group": np.array([6, 0, 2])}
+  keep = np.array([True, False, True])
+  source = selective.training_source(split, candidates, keep, image_size=16, num_groups=7)
+  assert len(source) == len(split.ids) + 2 and source.images.shape[1:] == (16, 16, 3)
+  np.testing.assert_array_equal(source.ids[-2:], split.ids[[0, 5]])
+  np.testing.assert_array_equal(source.genders[-2:], split.genders[[0, 5]])
+  np.testing.assert_allclose(source.ages[-2:], [65, 25])
+  assert (source.images[-2:] == 7).all()
+
+
+def test_arms_end_to_end(tmp_path):
+  """No fine-tuning and selective fine-tuning (plain differs only in `keep`)."""
+  aifr, fas = tiny_run_configs()
+  source = tmp_path / "demo"
+  test_eval_cli.write_untrained_checkpoint(aifr, source / "aifr")
+  test_eval_cli.write_untrained_checkpoint(fas, source / "fas")
+  config = selective_ft.get_config()
+  s = config.selective
+  s.ft_num_iter, s.ft_warmup, s.batch_size, s.chunk = 1, 0, 8, 16
+  s.arms = ("no_finetune", "selective_finetune")  # One train-step compile (CPU time).
+  result = selective.run_ablation(config, tmp_path / "out", source)
+  written = json.loads((tmp_path / "out" / "ablation.json").read_text())
+  assert set(written["arms"]) == {"no_finetune", "selective_finetune"}
+  selection = written["selection"]
+  # 5 training identities x 8 faces, each into the 6 groups that are not its own.
+  assert selection["candidates"] == 40 * 6
+  assert selection["kept"] == sum(g["kept"] for g in selection["per_group"].values())
+  assert selection["tau_source"].startswith("threshold at FAR 0.001")
+  arms = written["arms"]
+  assert arms["selective_finetune"]["num_synthetic"] == selection["kept"]
+  assert arms["selective_finetune"]["num_real"] == 40
+  (run,) = arms["selective_finetune"]["runs"]
+  assert run["seed"] == 0 and run["steps"] == 1
+  assert arms["selective_finetune"]["verification_accuracy_mean"] == (
+      run["heldout"]["verification_accuracy"])
+  assert (tmp_path / "out" / "selective_finetune" / "seed0" / "checkpoints").is_dir()
+  for entry in arms.values():
+    assert 0.0 <= entry["verification_accuracy_mean"] <= 1.0
+  assert result["selection"]["tau"] == selection["tau"]
