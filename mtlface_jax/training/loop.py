@@ -24,6 +24,7 @@ from mtlface_jax.training import run_config
 from mtlface_jax.training import sharding
 from mtlface_jax.training import state as state_lib
 from mtlface_jax.training import steps
+from mtlface_jax.training import tpami_steps
 from mtlface_jax.training import transfer
 from mtlface_jax.training import writers
 
@@ -239,9 +240,12 @@ def train(config, workdir: str | Path, batches_fn: Optional[BatchesFn] = None,
   resumed = int(state.step) if ckpt.latest_step() is not None else None
   if jax.process_index() == 0:
     run_config.record_start(workdir, config, resumed)
-  step_fn = steps.make_train_step(models, config, fr_tx=txs.fr, g_tx=txs.g, d_tx=txs.d,
-                                  state_sharding=sharding.replicated(mesh),
-                                  batch_sharding=sharding.batch_sharded(mesh))
+  # The TPAMI StyleGAN2 FAS has its own step (same signature); everything else is steps.py's.
+  make_step = (tpami_steps.make_train_step if config.model.get("family", "cvpr") == "tpami"
+               else steps.make_train_step)
+  step_fn = make_step(models, config, fr_tx=txs.fr, g_tx=txs.g, d_tx=txs.d,
+                      state_sharding=sharding.replicated(mesh),
+                      batch_sharding=sharding.batch_sharded(mesh))
   writer = writers.MetricWriter(workdir, start_step=int(state.step))
   writer.write_hparams(config.to_dict())
   try:
