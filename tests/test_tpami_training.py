@@ -31,8 +31,9 @@ def _config(**overrides):
 
 def _batch(config):
   batch = next(training_utils.fake_batches(config, 0))
-  # Two samples aged to their own group, so the reconstruction term is active.
+  # Two samples aged to their own group (the reconstruction term), two to another.
   batch["target_group"][:2] = batch["group"][:2]
+  batch["target_group"][2:] = (batch["group"][2:] + 1) % config.age_group
   return batch
 
 
