@@ -12,7 +12,7 @@ DEMO_CONFIG ?= configs/default.py:cpu
 REAL_CONFIG ?= configs/real_lfw_utkface.py
 REAL_DIR ?= real_out
 
-.PHONY: venv test demo real clean
+.PHONY: venv test test-slow demo real clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# Also the tests too slow for CI's budget (the TPAMI training step's compile).
+test-slow: $(STAMP)
+	MTLFACE_SLOW_TESTS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m mtlface_jax.recipes.demo --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR)

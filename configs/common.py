@@ -33,6 +33,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.decoder_features = (256, 128, 64, 32)
   c.model.discriminator_features = (64, 128, 256, 512, 512)
   c.model.dropout_rate = 0.5
+  # "cvpr" (ICM + decoder generator) or "tpami" (style path + StyleGAN2 decoder,
+  # configs/fas_tpami.py); models/spec.py builds the family's generator.
+  c.model.family = "cvpr"
+  c.model.tpami_generator = ml_collections.ConfigDict()  # TPAMIGenerator fields (tpami only)
+  c.model.tpami_generator.image_size = 112
+  c.model.tpami_generator.style_dim = 512
+  c.model.tpami_generator.channels = ml_collections.FieldReference(None, field_type=tuple)
+  c.model.tpami_generator.channel_multiplier = 2
+  c.model.tpami_generator.mapping_layers = 8
+  c.model.tpami_generator.lr_mlp = 0.01
 
   c.head_s = 64.0
   c.head_m = 0.35
@@ -42,6 +52,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.fas_gan_loss_weight = 75.0
   c.fas_id_loss_weight = 0.002
   c.fas_age_loss_weight = 10.0
+  # TPAMI family only, OURS (docs/architecture.md T1.7; training/tpami_steps.py):
+  # reconstruction where the target group is the face's own ("l2" or "l1"), and
+  # mean(latents ** 2), the codes' squared distance from latent_avg.
+  c.fas_tpami_rec_loss_weight = 1.0
+  c.fas_tpami_rec_norm = "l2"
+  c.fas_tpami_latent_reg_weight = 0.01
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 0.1             # reference --learning_rate

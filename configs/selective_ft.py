@@ -29,5 +29,6 @@ def get_config():
   s.arms = ("no_finetune", "plain_finetune", "selective_finetune")
   s.batch_size = 64  # Inference batch for synthesis, judging and evaluation.
   s.chunk = 256      # Source faces synthesized per pass (host memory bound).
-  c.selective = s
+  with c.unlocked():  # The recipe's own section, read by recipes/selective.py only.
+    c.selective = s
   return c

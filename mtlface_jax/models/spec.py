@@ -142,7 +142,7 @@ def from_config(config) -> ModelSpec:
     generator = {"unit_count": int(m.icm_unit_count),
                  "decoder_features": list(m.decoder_features)}
   else:
-    generator = dict(m.get("tpami_generator", {}))
+    generator = m.tpami_generator.to_dict()
   return ModelSpec(family=family, image_size=int(config.image_size),
                    age_group=int(config.age_group), encoder=encoder,
                    num_classes=int(m.num_classes), head_s=float(config.head_s),

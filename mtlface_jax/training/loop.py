@@ -30,6 +30,7 @@ from mtlface_jax.training import run_config
 from mtlface_jax.training import sharding
 from mtlface_jax.training import state as state_lib
 from mtlface_jax.training import steps
+from mtlface_jax.training import tpami_steps
 from mtlface_jax.training import transfer
 from mtlface_jax.training import writers
 
@@ -112,9 +113,12 @@ def build_step(config, mesh: jax.sharding.Mesh) -> TrainStep:
   """
   models = spec_lib.build_from_config(config)
   txs = optim.optimizers_from_config(config)
-  fn = steps.make_train_step(models, config, fr_tx=txs.fr, g_tx=txs.g, d_tx=txs.d,
-                             state_sharding=sharding.replicated(mesh),
-                             batch_sharding=sharding.batch_sharded(mesh))
+  # The TPAMI StyleGAN2 FAS has its own step (same signature); everything else is steps.py's.
+  make_step = (tpami_steps.make_train_step if config.model.get("family", "cvpr") == "tpami"
+               else steps.make_train_step)
+  fn = make_step(models, config, fr_tx=txs.fr, g_tx=txs.g, d_tx=txs.d,
+                 state_sharding=sharding.replicated(mesh),
+                 batch_sharding=sharding.batch_sharded(mesh))
   return TrainStep(config=config, models=models, mesh=mesh, txs=txs, fn=fn)
 
 
