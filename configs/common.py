@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.icm_unit_count = 128
   c.model.decoder_features = (256, 128, 64, 32)
   c.model.discriminator_features = (64, 128, 256, 512, 512)
+  # "concat" (reference: one-hot target group after conv1, LSGAN real/fake) or
+  # "classifier" (G age groups + "synthesized" per patch; see discriminator.py).
+  c.model.discriminator_conditioning = "concat"
   c.model.dropout_rate = 0.5
 
   c.head_s = 64.0
@@ -38,6 +41,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.fas_gan_loss_weight = 75.0
   c.fas_id_loss_weight = 0.002
   c.fas_age_loss_weight = 10.0
+  # Not in the reference (0 / "" keep it exact): L1(G(x, own group), x) on the
+  # samples drawn with their own group as target, and the discriminator's
+  # input augmentation ("translation", "cutout", comma-separated).
+  c.fas_rec_loss_weight = 0.0
+  c.fas_d_augment = ""
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 0.1             # reference --learning_rate

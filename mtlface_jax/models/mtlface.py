@@ -55,5 +55,6 @@ def build_models(config) -> MTLFaceModels:
       generator=generator.Generator(config.age_group, unit_count=m.icm_unit_count,
                                     decoder_features=tuple(m.decoder_features), dtype=dtype),
       discriminator=discriminator.PatchDiscriminator(
-          config.age_group, features=tuple(m.discriminator_features), dtype=dtype),
+          config.age_group, features=tuple(m.discriminator_features),
+          conditioning=m.get("discriminator_conditioning", "concat"), dtype=dtype),
   )
