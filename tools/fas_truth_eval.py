@@ -48,7 +48,8 @@ def main(argv):
   out = {"workdir": str(workdir), "step": loaded.info.get("step"), **result.to_dict(),
          "seconds": time.time() - start}
   if _GRID.value:
-    rows = slice(0, _GRID_ROWS.value)
+    # Rows spread over the inputs (consecutive inputs are often one identity).
+    rows = synthetic_truth.spread_indices(len(truth.inputs), _GRID_ROWS.value)
     fas_lib.save_age_progression_grid(truth.inputs[rows], synthesized[rows], _GRID.value,
                                       ages_lib.group_ranges(runner.num_groups),
                                       truth=truth.truth[rows])
