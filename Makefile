@@ -4,7 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# Test files run on two workers (CI has 2 cores; XLA compiles are single-threaded).
+TEST_WORKERS ?= 2
 DEMO_DIR ?= demo_out
+# The demo's CPU variant (minutes on 2 cores); DEMO_CONFIG=configs/default.py on a GPU/TPU.
+DEMO_CONFIG ?= configs/default.py:cpu
 REAL_CONFIG ?= configs/real_lfw_utkface.py
 REAL_DIR ?= real_out
 
@@ -19,14 +23,14 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m mtlface_jax.demo --workdir=$(DEMO_DIR)
+	$(PY) -m mtlface_jax.recipes.demo --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR)
 
 # The real-data recipe on ../shared/data (README "Real faces"); REAL_CONFIG=...:cpu on a CPU.
 real: $(STAMP)
-	$(PY) -m mtlface_jax.real_recipe --config=$(REAL_CONFIG) --workdir=$(REAL_DIR)
+	$(PY) -m mtlface_jax.recipes.lfw_utkface --config=$(REAL_CONFIG) --workdir=$(REAL_DIR)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

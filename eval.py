@@ -9,8 +9,10 @@ progression grids). For example::
   python eval.py --checkpoint=runs/aifr --protocol=verification \\
       --pairs=../shared/data/lfw/pairs.txt --lfw_crop --output_dir=eval/lfw
 
-Writes report.json, report.txt (also printed), roc.png and FAS grid PNGs into
---output_dir. ``python eval.py --help`` lists every flag; the library is
+Several protocols (``--protocol=verification,identification,age``) and sets
+(repeat ``--pair_list``/``--bin``, ``name=path``) run in one call and share
+embeddings. Writes report.json, report.txt (also printed), roc.png and FAS grid
+PNGs into --output_dir; docs/evaluation.md has every flag and report field. ``python eval.py --help`` lists every flag; the library is
 ``mtlface_jax.evaluation`` (see ``mtlface_jax/evaluation/cli.py``).
 """
 

@@ -11,9 +11,9 @@ For one training config this measures, in one process and on the same devices:
   give the loop's throughput without touching its code. The first
   ``--warmup`` steps (compilation) are left out, and so is the last step,
   which ends in the checkpoint save.
-* ``pure``: the loop's own jitted step (caught as the loop builds it, so
-  already compiled), from a fresh state, on two device-resident batches of
-  the same pipeline, for as many steps.
+* ``pure``: the loop's own jitted step (``loop.build_step``, handed to
+  ``loop.train``, so already compiled), from a fresh state, on two
+  device-resident batches of the same pipeline, for as many steps.
 * ``input_pipeline``: the pipeline alone (decode/augment, no device work).
 
 It prints one JSON line with the three images/s, ``loop_vs_pure`` (issue 7
@@ -27,12 +27,12 @@ batches, the device and the versions::
 ``--image_folder`` trains on every image of a folder tree (identities from the
 sub-folder names, taken modulo ``config.model.num_classes`` so the model stays
 the configured one; ages unknown, so AIFR only) through a generated
-``mtlface_list``. Periodic checkpoints and image grids are switched off inside
-the measured steps (``checkpoint_every`` = ``--steps``, ``image_every`` = 0):
-they are rare in a real run and would dominate a short one.
+``mtlface_list``. Periodic checkpoints, image grids and held-out evaluation
+are switched off inside the measured steps (``checkpoint_every`` =
+``--steps``, ``image_every`` = ``eval_every`` = 0): they are rare in a real
+run and would dominate a short one.
 """
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -94,12 +94,14 @@ def prepare_config(config, steps: int, workdir: Path, image_folder: str = ""):
   config.num_iter = steps
   config.checkpoint_every = steps
   config.image_every = 0
+  config.eval_every = 0
   config.init_from = ""
   if image_folder:
     config.data.name = "mtlface_list"
-    config.data.list_file = str(workdir / "folder_list.txt")
-    config.data.image_root = ""
-    write_folder_list(Path(image_folder), Path(config.data.list_file), config.model.num_classes)
+    config.data.mtlface_list.file = str(workdir / "folder_list.txt")
+    config.data.mtlface_list.image_root = ""
+    write_folder_list(Path(image_folder), Path(config.data.mtlface_list.file),
+                      config.model.num_classes)
   return config
 
 
@@ -115,33 +117,11 @@ def input_pipeline_rate(config, num_batches: int, warmup: int = 2) -> float:
   return count / seconds
 
 
-@contextlib.contextmanager
-def capture_train_step():
-  """Records the jitted step (and what built it) that ``loop.train`` makes.
-
-  The pure-step timing then calls the very program the loop ran, already
-  compiled, whatever way the loop builds it.
-  """
-  from mtlface_jax.training import steps as steps_lib  # pylint: disable=g-import-not-at-top
-  original, record = steps_lib.make_train_step, {}
-
-  def recording(models, config, **kwargs):
-    record.update(kwargs, models=models, config=config,
-                  step_fn=original(models, config, **kwargs))
-    return record["step_fn"]
-
-  steps_lib.make_train_step = recording
-  try:
-    yield record
-  finally:
-    steps_lib.make_train_step = original
-
-
-def pure_step_rate(record: dict, num_steps: int, warmup: int) -> dict:
+def pure_step_rate(step_fn, num_steps: int, warmup: int) -> dict:
   """Times the loop's jitted step on two device-resident batches of its pipeline.
 
   Args:
-    record: from :func:`capture_train_step`.
+    step_fn: the ``loop.TrainStep`` the loop ran (its program is already compiled).
     num_steps: timed steps.
     warmup: untimed steps first.
 
@@ -151,18 +131,13 @@ def pure_step_rate(record: dict, num_steps: int, warmup: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from mtlface_jax import data_sources  # pylint: disable=g-import-not-at-top
   from mtlface_jax.training import sharding  # pylint: disable=g-import-not-at-top
-  from mtlface_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
-  models, config, step_fn = record["models"], record["config"], record["step_fn"]
-
-  def build(rng):  # a fresh state as the loop makes one (the loop's own was donated)
-    return state_lib.init_state(state_lib.init_variables(models, config, rng), config,
-                                record["fr_tx"], record["g_tx"], record["d_tx"])
-
-  state = jax.jit(build, out_shardings=record["state_sharding"])(jax.random.PRNGKey(config.seed))
+  config = step_fn.config
+  # A fresh state as the loop makes one (the loop's own was donated).
+  state = step_fn.create_state()
   source = data_sources.train_batches(config, 0)
-  batches = [sharding.put_batch(next(source), record["batch_sharding"]) for _ in range(2)]
+  batches = [sharding.put_batch(next(source), step_fn.batch_sharding) for _ in range(2)]
   source.close()
-  rng = jax.device_put(jax.random.PRNGKey(config.seed), record["state_sharding"])
+  rng = jax.device_put(jax.random.PRNGKey(config.seed), step_fn.state_sharding)
   start = time.perf_counter()
   state, _ = step_fn(state, batches[0], rng)
   jax.block_until_ready(state)
@@ -196,15 +171,16 @@ def measure(config, workdir: Path, *, steps: int, warmup: int, pipeline_batches:
   import jax  # pylint: disable=g-import-not-at-top
   from mtlface_jax import data_sources  # pylint: disable=g-import-not-at-top
   from mtlface_jax.training import loop  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.training import sharding  # pylint: disable=g-import-not-at-top
   devices = devices or jax.devices()
   pipeline = input_pipeline_rate(config, pipeline_batches)
   timed = TimedBatches(data_sources.train_batches)
+  step_fn = loop.build_step(config, sharding.make_mesh(devices))
   start = time.perf_counter()
-  with capture_train_step() as record:
-    summary = loop.train(config, workdir, batches_fn=timed, devices=devices)
+  summary = loop.train(config, workdir, batches_fn=timed, step=step_fn)
   loop_total_s = time.perf_counter() - start
   loop_s, timed_steps, waiting = timed.steady_state(warmup)
-  pure = pure_step_rate(record, timed_steps, warmup)
+  pure = pure_step_rate(step_fn, timed_steps, warmup)
   batch = config.batch_size
   loop_rate, pure_rate = timed_steps * batch / loop_s, timed_steps * batch / pure["seconds"]
   return {
@@ -229,7 +205,7 @@ def _define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
   # config_flags finds the --config.x=y overrides in the argv it is given here.
   config_flags.DEFINE_config_file("config", str(_REPO / "configs" / "default.py"),
                                   "Training config file.", flag_values=flag_values,
-                                  sys_argv=argv)
+                                  lock_config=True, sys_argv=argv)
   flags.DEFINE_integer("steps", 30, "Loop steps in all.", flag_values=flag_values)
   flags.DEFINE_integer("warmup", 5, "Leading steps not timed.", flag_values=flag_values)
   flags.DEFINE_integer("pipeline_batches", 20, "Batches timed for the pipeline alone.",

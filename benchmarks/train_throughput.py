@@ -66,28 +66,12 @@ def build_config(task: str, batch: int, model: str, dtype: str):
   return config
 
 
-def random_batches(config, count: int, seed: int = 0, on_device: bool = True) -> list[dict]:
-  """``count`` batches of the batch contract (random contents), on the device by default."""
+def random_batches(config, count: int, on_device: bool = True) -> list[dict]:
+  """``count`` batches of the batch contract (``mtlface_jax.batch.fake`` of steps 0..count-1)."""
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from mtlface_jax import ages  # pylint: disable=g-import-not-at-top
-  n, size = config.batch_size, config.image_size
-  batches = []
-  for i in range(count):
-    rng = np.random.default_rng([seed, i])
-    age = rng.uniform(0, 80, n).astype(np.float32)
-    batch = {
-        "image": rng.uniform(-1, 1, (n, size, size, 3)).astype(np.float32),
-        "id": rng.integers(0, config.model.num_classes, n).astype(np.int32),
-        "age": age,
-        "group": np.asarray(ages.age_to_group(age, config.age_group), np.int32),
-        "gender": rng.integers(0, 2, n).astype(np.int32),
-    }
-    if config.train_fas:
-      batch["target_group"] = rng.integers(0, config.age_group, n).astype(np.int32)
-      batch["target_image"] = rng.uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
-    batches.append(jax.device_put(batch) if on_device else batch)
-  return batches
+  from mtlface_jax import batch as batch_lib  # pylint: disable=g-import-not-at-top
+  batches = [batch_lib.fake(config, i) for i in range(count)]
+  return [jax.device_put(b) for b in batches] if on_device else batches
 
 
 def flops_of(compiled) -> float:
@@ -143,8 +127,8 @@ def _save_artifacts(args, compiled, run_step, state, name: str) -> dict:
   return saved
 
 
-def _train_setup(args, task: str, batch: int, devices=None):
-  """Config, jitted step, state builder and shardings of one training run.
+def train_setup(args, task: str, batch: int, devices=None):
+  """Config and the training loop's own jitted step of one run.
 
   Args:
     args: the parsed flags (``model``, ``dtype``).
@@ -153,27 +137,15 @@ def _train_setup(args, task: str, batch: int, devices=None):
     devices: the mesh's devices; the first local device by default.
 
   Returns:
-    ``(config, step_fn, build, replicated, batch_sharded)``.
+    ``(config, step)``: a ``loop.TrainStep`` (``step.fn`` jitted,
+    ``step.initial_state`` pure, ``step.state_sharding``/``batch_sharding``).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from mtlface_jax.models import mtlface  # pylint: disable=g-import-not-at-top
-  from mtlface_jax.training import optim  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.training import loop  # pylint: disable=g-import-not-at-top
   from mtlface_jax.training import sharding  # pylint: disable=g-import-not-at-top
-  from mtlface_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
-  from mtlface_jax.training import steps  # pylint: disable=g-import-not-at-top
-
   config = build_config(task, batch, args.model, args.dtype)
   mesh = sharding.make_mesh(devices or jax.local_devices()[:1])
-  models = mtlface.build_models(config)
-  txs = optim.optimizers_from_config(config)
-  rep, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-
-  def build(rng):
-    return state_lib.init_state(state_lib.init_variables(models, config, rng), config, *txs)
-
-  step_fn = steps.make_train_step(models, config, fr_tx=txs.fr, g_tx=txs.g, d_tx=txs.d,
-                                  state_sharding=rep, batch_sharding=split)
-  return config, step_fn, build, rep, split
+  return config, loop.build_step(config, mesh)
 
 
 def _lowered_flops(lowered) -> float:
@@ -199,7 +171,7 @@ def _trace_on_cpu(args, task: str, batch: int):
   key = jax.random.PRNGKey(0)
   if task == "infer":
     config = build_config(task, batch, args.model, args.dtype)
-    embed, variables_fn = _inference_fns(config)
+    embed, variables_fn = inference_fns(config)
     # Abstract arguments committed to the CPU make jit lower for the CPU backend.
     on_cpu = jax.sharding.SingleDeviceSharding(cpu[0])
     abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_cpu)
@@ -208,10 +180,11 @@ def _trace_on_cpu(args, task: str, batch: int):
                                            jnp.float32))
     return embed.trace(variables, images), IR50_GFLOP_PER_IMAGE_FORWARD * 2
   # A step built on a CPU mesh: its shardings, hence its backend, are the CPU's.
-  config, step_fn, build, _, _ = _train_setup(args, task, batch, devices=cpu)
+  from mtlface_jax import batch as batch_lib  # pylint: disable=g-import-not-at-top
+  config, step = train_setup(args, task, batch, devices=cpu)
   shape_of = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
-  batch_shapes = jax.tree_util.tree_map(shape_of, random_batches(config, 1, on_device=False)[0])
-  traced = step_fn.trace(jax.eval_shape(build, key), batch_shapes, shape_of(key))
+  traced = step.fn.trace(jax.eval_shape(step.initial_state, key), batch_lib.spec(config),
+                         shape_of(key))
   return traced, IR50_GFLOP_PER_IMAGE_FORWARD * 3
 
 
@@ -253,12 +226,13 @@ def count_flops(args, task: str, batch: int) -> dict:
 def measure_train(args, task: str, batch: int) -> dict:
   """Compiles and times the jitted AIFR or FAS step."""
   import jax  # pylint: disable=g-import-not-at-top
-  config, step_fn, build, rep, split = _train_setup(args, task, batch)
-  state = jax.jit(build, out_shardings=rep)(jax.random.PRNGKey(0))
-  batches = [jax.device_put(b, split) for b in random_batches(config, 2)]
-  rng = jax.device_put(jax.random.PRNGKey(1), rep)
+  config, step = train_setup(args, task, batch)
+  state = jax.jit(step.initial_state, out_shardings=step.state_sharding)(jax.random.PRNGKey(0))
+  batches = [jax.device_put(b, step.batch_sharding)
+             for b in random_batches(config, 2, on_device=False)]
+  rng = jax.device_put(jax.random.PRNGKey(1), step.state_sharding)
   start = time.perf_counter()
-  compiled = step_fn.lower(state, batches[0], rng).compile()
+  compiled = step.fn.lower(state, batches[0], rng).compile()
   compile_s = time.perf_counter() - start
 
   def run_step(s, i):
@@ -274,19 +248,18 @@ def measure_train(args, task: str, batch: int) -> dict:
   return result
 
 
-def _inference_fns(config):
-  """(jitted flip-summed embed(variables, images), variables initialiser)."""
+def inference_fns(config):
+  """(jitted flip-averaged embed(variables, images), variables initialiser)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mtlface_jax.evaluation import report  # pylint: disable=g-import-not-at-top
-  from mtlface_jax.models import mtlface  # pylint: disable=g-import-not-at-top
-  encoder = mtlface.build_models(config).encoder
+  from mtlface_jax import predict  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.models import spec as spec_lib  # pylint: disable=g-import-not-at-top
+  encoder = spec_lib.build_from_config(config).encoder
   size = config.image_size
 
   @jax.jit
   def embed(variables, images):
-    single = lambda x: encoder.apply(variables, x, train=False).embedding.astype(jnp.float32)
-    return report.flip_sum_embeddings(single, images)
+    return predict.embed(encoder, variables, images)
 
   return embed, lambda rng: encoder.init(rng, jnp.zeros((1, size, size, 3)))
 
@@ -296,7 +269,7 @@ def measure_inference(args, batch: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   config = build_config("infer", batch, args.model, args.dtype)
-  embed, variables_fn = _inference_fns(config)
+  embed, variables_fn = inference_fns(config)
   size = config.image_size
   variables = jax.jit(variables_fn)(jax.random.PRNGKey(0))
   images = [jax.random.uniform(jax.random.PRNGKey(i), (batch, size, size, 3), jnp.float32, -1, 1)

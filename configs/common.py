@@ -3,6 +3,10 @@
 Key names follow the reference's command-line flags (``fr_age_loss_weight``,
 ``fas_gan_loss_weight``, ``milestone``, ``warmup``, ...) so parity is easy to
 check. ``batch_size`` is GLOBAL here (the reference's 64 per GPU x 8 GPUs).
+
+Every key any config or the code uses is declared here, and the returned
+config is locked, so a misspelt key in a config file or a ``--config.x=y``
+override fails instead of being silently ignored.
 """
 
 import ml_collections
@@ -62,32 +66,68 @@ def get_config() -> ml_collections.ConfigDict:
   c.fas_optim.b1 = 0.5   # reference code; the supplementary text says 0.9
   c.fas_optim.b2 = 0.99
 
+  # Training data: ``data.name`` picks the source (mtlface_jax/data_sources.py);
+  # each source reads only its own section, named like it.
   c.data = ml_collections.ConfigDict()
-  c.data.name = "mtlface_list"   # see mtlface_jax/data_sources.py
-  c.data.list_file = ""
-  c.data.image_root = ""
-  c.data.skip_bad_examples = False
+  c.data.name = "mtlface_list"
+  # Before the first step, mtlface_list files are checked: "header" (exists,
+  # image header readable), "full" (decoded) or "off".
+  c.data.verify_images = "header"
   c.data.crop_scale = 1.0  # < 1: random scale/shift crops (input_pipeline.PipelineConfig)
-  c.data.shards_dir = ""   # face_shards only (mtlface_jax/real_data.py)
-  c.data.tfds_name = ""
-  c.data.tfds_split = "train"
-  c.data.tfds_data_dir = ""
-  # synthetic_faces only:
-  c.data.num_identities = 1_000
-  c.data.images_per_identity = 20
-  c.data.seed = 0
-  c.data.test_fraction = 0.1
-  c.data.num_folds = 10
-  c.data.pairs_per_fold = 300
+  c.data.skip_bad_examples = False  # count and drop unreadable examples instead of failing
+  c.data.mtlface_list = ml_collections.ConfigDict()
+  c.data.mtlface_list.file = ""        # ``id filename age gender`` lines (formats/lists.py)
+  c.data.mtlface_list.image_root = ""  # the list's file names are relative to this folder
+  c.data.synthetic_faces = ml_collections.ConfigDict()  # procedural faces (synthetic.py)
+  c.data.synthetic_faces.num_identities = 1_000
+  c.data.synthetic_faces.images_per_identity = 20
+  c.data.synthetic_faces.seed = 0
+  c.data.synthetic_faces.test_fraction = 0.1  # identities held out for the test pairs
+  c.data.synthetic_faces.num_folds = 10
+  c.data.synthetic_faces.pairs_per_fold = 300
+  c.data.face_shards = ml_collections.ConfigDict()  # LFW + UTKFace shards (real_data.py)
+  c.data.face_shards.dir = ""
+  # The recipe (real_recipe.py) builds missing shards from these:
+  c.data.face_shards.lfw_dir = ""
+  c.data.face_shards.utkface_dir = ""
+  c.data.face_shards.split_seed = 0
+  c.data.face_shards.utkface_train_fraction = 0.8
+  c.data.tfds = ml_collections.ConfigDict()  # a TFDS dataset with image/id/age/gender
+  c.data.tfds.name = ""
+  c.data.tfds.split = "train"
+  c.data.tfds.data_dir = ""
 
-  c.init_from = ""  # AIFR checkpoint directory to start FAS from
+  c.init_from = ""  # checkpoint to start from (FAS from AIFR, or fine-tuning)
+  # Variable paths init_from leaves freshly initialised, e.g. ("head",) for a
+  # new model.num_classes, or "encoder/output_layer" (training/transfer.py).
+  c.init_from_exclude = ()
+  # A resume whose config changes the computation: "refuse" (default) or
+  # "allow" (logs the changed keys); see training/run_config.py.
+  c.resume_config_change = "refuse"
+  # FAS steps of the two-stage recipes (recipes/stages.py: AIFR for num_iter,
+  # then FAS); train.py runs num_iter steps of the configured task.
+  c.fas_num_iter = 36_000
   c.log_every = 50
   c.checkpoint_every = 1_000
   c.keep_checkpoints = 3
   c.image_every = 1_000
   c.max_consecutive_nonfinite = 20
-  c.eval_every = 0
-  return c
+
+  # Held-out verification while training AIFR (training/eval_hook.py): every
+  # eval_every steps the current encoder embeds these sets (flip-averaged) and
+  # the 10-fold protocol's accuracy/std/AUC go to TensorBoard and metrics.jsonl.
+  c.eval_every = 0  # 0: off
+  c.eval = ml_collections.ConfigDict()
+  c.eval.bins = ()        # insightface .bin sets, e.g. ("data/agedb_30.bin", "data/calfw.bin")
+  c.eval.pair_lists = ()  # "format:path", format lfw (pairs.txt), generic or numbered
+  c.eval.images_root = ""  # pair-list names are relative to it (lfw: <pairs dir>/images)
+  c.eval.lfw_crop = False  # fixed LFW crop for raw 250x250 deep-funneled LFW images
+  c.eval.synthetic = False  # the held-out pairs of data.synthetic_faces
+  c.eval.num_folds = 10    # folds of .bin sets and of pair lists without fold labels
+  c.eval.max_pairs_per_fold = 0  # > 0: only the first N matched and mismatched pairs
+  c.eval.batch_size = 64   # images per device call (rounded up to the device count)
+  # Locked: a config file or --config.x=y that names an undeclared key fails.
+  return c.lock()
 
 
 def reduce_model_for_cpu(c: ml_collections.ConfigDict,

@@ -1,6 +1,6 @@
 """AIFR then FAS from scratch on real faces: LFW identities, UTKFace ages.
 
-The recipe of issue #8 (``python -m mtlface_jax.real_recipe``, README "Real
+The recipe of issue #8 (``python -m mtlface_jax.recipes.lfw_utkface``, README "Real
 faces"): identities are the LFW people outside folds 6-10 of ``pairs.txt``
 (3,554 people, 6,922 images), ages come from 80% of UTKFace (7,822 images),
 each loss sees only the labels that exist. Held out: LFW folds 6-10 (people
@@ -22,11 +22,11 @@ def get_config(variant: str = ""):
   """The recipe config; ``variant`` "cpu" gives the reduced CPU run."""
   c = common.get_config()
   c.data.name = "face_shards"
-  c.data.shards_dir = "real_shards"
-  c.data.lfw_dir = "../shared/data/lfw"
-  c.data.utkface_dir = "../shared/data/utkface"
-  c.data.split_seed = 0
-  c.data.utkface_train_fraction = 0.8
+  c.data.face_shards.dir = "real_shards"
+  c.data.face_shards.lfw_dir = "../shared/data/lfw"
+  c.data.face_shards.utkface_dir = "../shared/data/utkface"
+  c.data.face_shards.split_seed = 0
+  c.data.face_shards.utkface_train_fraction = 0.8
   # 6,922 LFW images of 3,554 people is tiny for face recognition: random
   # scale/shift crops on top of the flips fight overfitting.
   c.data.crop_scale = 0.8

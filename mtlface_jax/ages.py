@@ -1,7 +1,7 @@
 """Age-group definitions shared by models, data pipelines and evaluation.
 
 MTLFace bins ages into groups by thresholds: a sample's group is the number of
-thresholds strictly below its age (reference: ``ARCHITECTURE.md`` section 4).
+thresholds strictly below its age (reference: docs/architecture.md section 4).
 """
 
 from typing import Sequence
@@ -18,6 +18,14 @@ AGE_GROUP_THRESHOLDS: dict[int, tuple[int, ...]] = {
 }
 
 NUM_AGE_CLASSES = 101  # DEX-style ages 0..100.
+
+# The one age range of labels, for training and evaluation alike: ages in
+# [0, MAX_AGE] years are accepted, -1 means unknown, anything else is a label
+# error. It is wider than the estimator's classes (0..100) because real sets
+# hold older people (UTKFace goes to 116): training pulls their DEX expectation
+# towards the oldest class (the age loss is an MSE on it), evaluation scores
+# the prediction against the true age, and both bin them into the oldest group.
+MAX_AGE = 120
 
 
 def thresholds_for(num_groups: int) -> tuple[int, ...]:

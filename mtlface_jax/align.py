@@ -3,14 +3,28 @@
 Usage::
 
   python -m mtlface_jax.align --input RAW_DIR --output ALIGNED_DIR \\
-      [--landmarks FILE | --detector {auto,mtcnn,dlib} | --lfw-crop]
+      [--landmarks FILE | --landmarks-dir PTS_DIR | --lfw-crop |
+       --detector {auto,mtcnn,dlib} [--pad-retry 0.3]] [--skip-bad-examples]
 
-Landmarks come from a file with lines ``relative/path x1 y1 ... x5 y5``
-(left eye, right eye, nose tip, left and right mouth corner, in the image's
-left/right) or from an optional detector: the ``mtcnn`` package (TensorFlow,
-weights inside the wheel) or ``dlib-bin`` with ``face-recognition-models``
-(both on PyPI, offline after install). Neither is a dependency of this
-package; a clear error says what to install when one is asked for.
+Landmarks come from
+
+* a file with lines ``relative/path x1 y1 ... x5 y5`` (left eye, right eye,
+  nose tip, left and right mouth corner, in the image's left/right) or
+  ``relative/path x1 y1 ... x68 y68`` (the 68 iBUG points);
+* iBUG ``.pts`` files (FG-NET ships them: ``version: 1``, ``n_points: 68``,
+  ``{``, one ``x y`` line per point, ``}``), in ``--landmarks-dir`` or, with
+  no landmark option, found beside the images;
+* or an optional detector: the ``mtcnn`` package (TensorFlow, weights inside
+  the wheel) or ``dlib-bin`` with ``face-recognition-models`` (both on PyPI,
+  offline after install: ``pip install mtlface-jax[align]``). Neither is a
+  dependency of this package; a clear error says what to install when one is
+  asked for. ``--pad-retry`` retries images where no face was found on a
+  padded copy (tight crops give a detector no context).
+
+68 points are reduced to the five (:func:`reduce_68_to_5`). Landmark names
+match image files case-insensitively (FG-NET's ``001A02.JPG`` and
+``001a02.pts``). With ``--skip-bad-examples`` every image that could not be
+aligned is listed with its reason in ``<output>/skipped.txt``.
 
 The similarity transform (rotation, uniform scale, translation) that maps
 the five landmarks onto the template is estimated by Umeyama's least-squares
@@ -19,6 +33,7 @@ convention that integer coordinates are pixel centres (as OpenCV does).
 """
 
 import argparse
+import collections
 import importlib.util
 import os
 from pathlib import Path
@@ -31,7 +46,7 @@ from tqdm import tqdm
 
 from mtlface_jax.formats import images as images_lib
 from mtlface_jax.formats import lists as lists_lib
-from mtlface_jax.formats import report as report_lib
+from mtlface_jax.formats import parse_report
 
 # insightface's 112x112 ArcFace template: left eye, right eye, nose tip, left
 # and right mouth corner, in (x, y) pixels.
@@ -41,6 +56,12 @@ ARCFACE_TEMPLATE = np.array(
 FACE_SIZE = images_lib.FACE_SIZE
 
 Landmarks = np.ndarray  # [5, 2] float (x, y).
+SKIPPED_FILE = "skipped.txt"
+# 0-based iBUG 68-point indices: eye contours, nose tip, mouth corners.
+IBUG_LEFT_EYE = tuple(range(36, 42))
+IBUG_RIGHT_EYE = tuple(range(42, 48))
+IBUG_NOSE_TIP = 30
+IBUG_MOUTH_CORNERS = (48, 54)
 
 
 class NoFaceError(ValueError):
@@ -175,10 +196,99 @@ def align_face(image: np.ndarray, landmarks: Landmarks,
   return warp_similarity(image, umeyama(landmarks, template), size)
 
 
-def parse_landmark_file(path: str | os.PathLike) -> dict[str, Landmarks]:
-  """Reads lines ``relative/path x1 y1 x2 y2 x3 y3 x4 y4 x5 y5``.
+def reduce_68_to_5(points: np.ndarray) -> Landmarks:
+  """The five ArcFace points from 68 iBUG landmarks.
 
-  The path may contain spaces (the last ten fields are the numbers).
+  Eye centres are the means of the eye contours (0-based points 36-41 and
+  42-47), the nose tip is point 30, the mouth corners points 48 and 54; eyes
+  and mouth corners are then ordered by image x.
+
+  Args:
+    points: ``[68, 2]`` (x, y), 0-based iBUG order (dlib's, FG-NET's
+      ``.pts``).
+
+  Returns:
+    ``[5, 2]`` landmarks.
+
+  Raises:
+    ValueError: for another shape or non-finite values.
+  """
+  points = np.asarray(points, dtype=np.float64)
+  if points.shape != (68, 2) or not np.all(np.isfinite(points)):
+    raise ValueError(f"need 68 finite (x, y) points, got shape {points.shape}")
+  five = [points[list(IBUG_LEFT_EYE)].mean(0),
+          points[list(IBUG_RIGHT_EYE)].mean(0), points[IBUG_NOSE_TIP],
+          points[IBUG_MOUTH_CORNERS[0]], points[IBUG_MOUTH_CORNERS[1]]]
+  return _order_left_right(five)
+
+
+def to_five_points(points: np.ndarray) -> Landmarks:
+  """``[5, 2]`` landmarks from 5 points (kept as given) or 68 (reduced)."""
+  points = np.asarray(points, dtype=np.float64)
+  if points.shape == (68, 2):
+    return reduce_68_to_5(points)
+  if points.shape != (5, 2):
+    raise ValueError(f"need 5 or 68 (x, y) landmarks, got {len(points)}")
+  if not np.all(np.isfinite(points)):
+    raise ValueError("landmarks must be finite numbers")
+  return points
+
+
+def parse_pts_file(path: str | os.PathLike) -> np.ndarray:
+  """Reads an iBUG/FG-NET ``.pts`` landmark file.
+
+  The layout: header lines ``key: value`` (``version: 1``,
+  ``n_points: 68``), a line ``{``, ``n_points`` lines ``x y``, a line ``}``.
+
+  Args:
+    path: the ``.pts`` file.
+
+  Returns:
+    ``[n_points, 2]`` float64 (x, y), in file order.
+
+  Raises:
+    ValueError: naming ``path:line`` for a malformed file.
+  """
+  lines = [(n, l.strip()) for n, l in enumerate(
+      Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+           if l.strip()]
+  header, position = {}, 0
+  while position < len(lines) and lines[position][1] != "{":
+    line_no, text = lines[position]
+    key, colon, value = text.partition(":")
+    if not colon:
+      raise ValueError(f"{path}:{line_no}: expected 'key: value' or '{{', "
+                       f"got {text!r}")
+    header[key.strip().lower()] = value.strip()
+    position += 1
+  try:
+    count = int(header["n_points"])
+  except (KeyError, ValueError):
+    raise ValueError(f"{path}: no 'n_points: N' line before '{{'") from None
+  body = lines[position + 1:position + 1 + count]
+  closing = lines[position + 1 + count:position + 2 + count]
+  if position == len(lines) or len(body) < count or not closing or (
+      closing[0][1] != "}"):
+    raise ValueError(f"{path}: expected '{{', {count} 'x y' lines and '}}'")
+  points = []
+  for line_no, text in body:
+    try:
+      x, y = (float(v) for v in text.split())
+      if not np.isfinite(x) or not np.isfinite(y):
+        raise ValueError
+    except ValueError:
+      raise ValueError(f"{path}:{line_no}: expected 'x y', got {text!r}"
+                       ) from None
+    points.append((x, y))
+  return np.array(points, dtype=np.float64)
+
+
+def parse_landmark_file(path: str | os.PathLike) -> dict[str, Landmarks]:
+  """Reads lines ``relative/path x1 y1 ... x5 y5`` (or ``... x68 y68``).
+
+  The path may contain spaces (the last 10 or 136 fields are the numbers).
+  A line of 68 points (iBUG order) is reduced to the five
+  (:func:`reduce_68_to_5`).
 
   Args:
     path: the landmark file.
@@ -194,14 +304,14 @@ def parse_landmark_file(path: str | os.PathLike) -> dict[str, Landmarks]:
   for line_no, line in enumerate(text.splitlines(), 1):
     if not line.strip():
       continue
-    fields = line.rsplit(maxsplit=10)
+    num_values = 136 if len(line.split()) >= 137 else 10
+    fields = line.rsplit(maxsplit=num_values)
     try:
-      if len(fields) != 11:
-        raise ValueError(f"expected 'path x1 y1 ... x5 y5', got {len(fields)} "
-                         "fields")
-      points = np.array([float(v) for v in fields[1:]]).reshape(5, 2)
-      if not np.all(np.isfinite(points)):
-        raise ValueError("landmarks must be finite numbers")
+      if len(fields) != num_values + 1:
+        raise ValueError(f"expected 'path x1 y1 ... x5 y5' (or 68 points), "
+                         f"got {len(fields)} fields")
+      points = to_five_points(
+          np.array([float(v) for v in fields[1:]]).reshape(-1, 2))
     except ValueError as e:
       raise ValueError(f"{path}:{line_no}: {e}") from None
     name = fields[0].strip()
@@ -213,6 +323,96 @@ def parse_landmark_file(path: str | os.PathLike) -> dict[str, Landmarks]:
       raise ValueError(f"{path}:{line_no}: duplicate entry for {name!r}")
     landmarks[name] = points
   return landmarks
+
+
+def list_images(root: str | os.PathLike) -> list[str]:
+  """Relative POSIX paths of every image below ``root``, sorted."""
+  root = Path(root)
+  extensions = lists_lib.IMAGE_EXTENSIONS
+  return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                if p.is_file() and p.name.lower().endswith(extensions))
+
+
+class NameIndex:
+  """Finds files by relative path, ignoring case (and, if asked, extension).
+
+  Landmark lists and ``.pts`` files often spell names differently from the
+  images (``001A02.JPG`` vs ``001a02.pts``); an exact match wins, then a
+  unique case-insensitive one. Two files that differ only in case make a
+  name ambiguous, which is an error rather than a guess.
+  """
+
+  def __init__(self, names: Sequence[str]):
+    """Indexes relative POSIX ``names``."""
+    self._exact = set(names)
+    self._by_lower: dict[str, list[str]] = {}
+    self._by_stem: dict[str, list[str]] = {}
+    for name in names:
+      self._by_lower.setdefault(name.lower(), []).append(name)
+      self._by_stem.setdefault(_stem(name).lower(), []).append(name)
+
+  def find(self, name: str, any_extension: bool = False) -> str | None:
+    """The indexed name matching ``name``, or None.
+
+    Args:
+      name: a relative path (``\\`` or ``/`` separated).
+      any_extension: also match the same path with another extension (a
+        ``.pts`` file for its image, a list entry given without one).
+
+    Raises:
+      ValueError: when several indexed names match equally.
+    """
+    name = name.replace("\\", "/")
+    if name in self._exact:
+      return name
+    found = self._by_lower.get(name.lower(), [])
+    if not found and any_extension:
+      found = self._by_stem.get(_stem(name).lower(), [])
+    if len(found) > 1:
+      raise ValueError(f"{name!r} matches several files: {sorted(found)}")
+    return found[0] if found else None
+
+
+def _stem(name: str) -> str:
+  """The relative path without its extension."""
+  suffix = Path(name).suffix
+  return name[:-len(suffix)] if suffix else name
+
+
+def find_pts_files(image_names: Sequence[str], pts_root: str | os.PathLike
+                   ) -> dict[str, Path]:
+  """Pairs images with the ``.pts`` files that describe them.
+
+  A ``.pts`` matches an image with the same relative path up to case and
+  extension (``sub/001A02.JPG`` and ``sub/001a02.pts``), or, for a flat
+  folder of landmarks, with the same file name stem when that is unique.
+
+  Args:
+    image_names: relative image paths.
+    pts_root: the folder holding the ``.pts`` files (may be the image
+      folder itself).
+
+  Returns:
+    Image name -> its ``.pts`` path, for the images that have one.
+  """
+  pts_root = Path(pts_root)
+  pts = sorted(p.relative_to(pts_root).as_posix() for p in pts_root.rglob("*")
+               if p.is_file() and p.suffix.lower() == ".pts")
+  by_path = NameIndex(pts)
+  # The flat fallback only for file names that occur once in the tree.
+  files = collections.Counter(Path(p).name.lower() for p in pts)
+  file_to_path = {Path(p).name: p for p in pts
+                  if files[Path(p).name.lower()] == 1}
+  by_file = NameIndex(list(file_to_path))
+  found = {}
+  for image in image_names:
+    match = by_path.find(_stem(image) + ".pts")
+    if match is None:
+      name = by_file.find(Path(_stem(image)).name + ".pts")
+      match = file_to_path[name] if name is not None else None
+    if match is not None:
+      found[image] = pts_root / match
+  return found
 
 
 def _order_left_right(points: np.ndarray) -> np.ndarray:
@@ -233,13 +433,15 @@ class MtcnnDetector:
     except ImportError as e:
       raise ImportError(
           "the mtcnn detector needs the optional 'mtcnn' package: "
-          f"pip install mtcnn (it uses the installed TensorFlow) ({e})") from e
+          "pip install mtcnn (it uses the installed TensorFlow), or "
+          f"pip install 'mtlface-jax[align]' for every detector ({e})") from e
     self._model = MTCNN()
     self._min_confidence = min_confidence
 
   def __call__(self, image: np.ndarray) -> Landmarks:
     faces = [f for f in self._model.detect_faces(image)
              if f.get("confidence", 0.0) >= self._min_confidence]
+    self.num_faces = len(faces)  # The largest is used; callers may refuse several.
     if not faces:
       raise NoFaceError("no face detected")
     face = max(faces, key=lambda f: f["box"][2] * f["box"][3])
@@ -249,7 +451,7 @@ class MtcnnDetector:
 
 _DLIB_HINT = ("the dlib detector needs the optional packages 'dlib-bin' and "
               "'face-recognition-models': pip install dlib-bin "
-              "face-recognition-models")
+              "face-recognition-models (or 'mtlface-jax[align]')")
 
 
 def _dlib_68_point_model() -> Path:
@@ -287,14 +489,97 @@ class DlibDetector:
 
   def __call__(self, image: np.ndarray) -> Landmarks:
     boxes = self._detector(image, 1)
+    self.num_faces = len(boxes)  # The largest is used; callers may refuse several.
     if not boxes:
       raise NoFaceError("no face detected")
     box = max(boxes, key=lambda b: b.width() * b.height())
     shape = self._predictor(image, box)
     points = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
-    five = [points[36:42].mean(0), points[42:48].mean(0), points[30],
-            points[48], points[54]]
-    return _order_left_right(five)
+    return reduce_68_to_5(points)
+
+
+def pad_for_detection(image: np.ndarray, margin: float, min_side: int = 0
+                      ) -> tuple[np.ndarray, int, float]:
+  """A padded (and, if small, upscaled) copy of ``image`` for a detector.
+
+  Args:
+    image: ``[H, W, 3]`` uint8.
+    margin: border on each side, as a fraction of the longer side; filled
+      with the image's mean colour (a neutral background, where mirrored or
+      repeated edges could look like a second face).
+    min_side: upscale the padded image so its longer side is at least this
+      (0: never).
+
+  Returns:
+    ``(padded image, border in original pixels, scale)``; see
+    :func:`unpad_landmarks` to map points back.
+  """
+  height, width = image.shape[:2]
+  border = max(1, int(round(margin * max(height, width))))
+  fill = image.reshape(-1, image.shape[-1]).mean(axis=0)
+  padded = np.empty((height + 2 * border, width + 2 * border, image.shape[-1]),
+                    np.uint8)
+  padded[...] = np.rint(fill).astype(np.uint8)
+  padded[border:border + height, border:border + width] = image
+  scale = 1.0
+  if min_side and max(padded.shape[:2]) < min_side:
+    scale = min_side / max(padded.shape[:2])
+    size = (round(padded.shape[1] * scale), round(padded.shape[0] * scale))
+    padded = np.asarray(Image.fromarray(padded).resize(size, Image.BICUBIC))
+  return padded, border, scale
+
+
+def unpad_landmarks(points: np.ndarray, border: int, scale: float
+                    ) -> np.ndarray:
+  """Maps points found in :func:`pad_for_detection`'s image back.
+
+  Pixel centres are integer coordinates (as everywhere in this module):
+  ``x_scaled + 0.5 = (x_padded + 0.5) * scale`` and ``x = x_padded - border``.
+  """
+  points = np.asarray(points, dtype=np.float64)
+  return (points + 0.5) / scale - 0.5 - border
+
+
+class PaddedRetry:
+  """A detector that retries on a padded copy when it finds no face.
+
+  Tight crops (a face filling the frame) give detectors no context, so they
+  often report no face; a border of ``margin`` (and an upscale to
+  ``min_side``) usually fixes that. Landmarks are mapped back to the
+  original image.
+  """
+
+  def __init__(self, detector: Callable[[np.ndarray], Landmarks],
+               margin: float = 0.3, min_side: int = 0):
+    """Wraps ``detector``; see :func:`pad_for_detection` for the arguments."""
+    if margin <= 0:
+      raise ValueError(f"the retry margin must be > 0, got {margin}")
+    self._detector = detector
+    self._margin = margin
+    self._min_side = min_side
+    self.num_retried = 0
+    self.num_rescued = 0
+
+  @property
+  def num_faces(self) -> int:
+    """Faces the wrapped detector found in its last image."""
+    return getattr(self._detector, "num_faces", 1)
+
+  def __call__(self, image: np.ndarray) -> Landmarks:
+    try:
+      return self._detector(image)
+    except NoFaceError as first:
+      self.num_retried += 1
+      padded, border, scale = pad_for_detection(image, self._margin,
+                                                self._min_side)
+      try:
+        points = self._detector(padded)
+      except NoFaceError:
+        upscaled = f", upscaled x{scale:.2f}" if scale != 1 else ""
+        raise NoFaceError(f"{first} (also after padding by {border} px"
+                          f"{upscaled})") from None
+    self.num_rescued += 1
+    return unpad_landmarks(points, border, scale)
 
 
 def make_detector(name: str) -> Callable[[np.ndarray], Landmarks]:
@@ -317,7 +602,8 @@ def make_detector(name: str) -> Callable[[np.ndarray], Landmarks]:
       return backend()
     except ImportError as e:
       errors.append(str(e))
-  raise ImportError("no face detector is installed; pass --landmarks FILE or "
+  raise ImportError("no face detector is installed; pass --landmarks FILE, "
+                    "--landmarks-dir PTS_DIR or "
                     "install one: " + "; ".join(errors))
 
 
@@ -326,38 +612,110 @@ def _save_image(image: np.ndarray, path: Path) -> None:
   Image.fromarray(image).save(path, quality=95)
 
 
-def _align_one(input_root: Path, name: str, mode: str,
-               landmarks: dict[str, Landmarks] | None,
+def _plan(input_root: Path, landmarks: dict[str, Landmarks] | None,
+          landmarks_dir: Path | None, skip_bad_examples: bool,
+          report: parse_report.ParseReport) -> list[tuple[str, object]]:
+  """``(image name, landmark source)`` for every image to align.
+
+  The source is ``[5, 2]`` landmarks (a list), a ``.pts`` path or None
+  (``.pts`` mode: none found), or None for detection and the LFW crop.
+  """
+  images = list_images(input_root)
+  if landmarks_dir is not None:
+    pts = find_pts_files(images, landmarks_dir)
+    return [(name, pts.get(name)) for name in images]
+  if landmarks is None:
+    return [(name, None) for name in images]
+  index, taken, jobs = NameIndex(images), {}, []
+  for name, points in landmarks.items():
+    try:
+      found = index.find(name, any_extension=not name.lower().endswith(
+          lists_lib.IMAGE_EXTENSIONS))
+      if found is None:
+        raise ValueError(f"no image file {name!r} below {input_root} (names "
+                         "match ignoring case)")
+      if found in taken:
+        raise ValueError(f"names the same image as {taken[found]!r}")
+    except ValueError as e:
+      parse_report.handle_bad_entry(str(input_root / name), str(e),
+                                  skip_bad_examples, report)
+      continue
+    taken[found] = name
+    jobs.append((found, points))
+  return jobs
+
+
+def _align_one(input_root: Path, name: str, source, mode: str,
                detector: Callable[[np.ndarray], Landmarks] | None
                ) -> np.ndarray:
+  if mode == "pts" and source is None:
+    raise NoFaceError("no .pts landmark file for it")
   image = images_lib.load_image(input_root / name)
   if mode == "lfw":
     return images_lib.lfw_crop(image)
-  points = landmarks[name] if landmarks is not None else detector(image)
+  if mode == "pts":
+    points = parse_pts_file(source)  # Its errors name the file and line.
+    try:
+      points = to_five_points(points)
+    except ValueError as e:
+      raise ValueError(f"{source}: {e}") from None
+  elif mode == "landmarks":
+    points = source
+  else:
+    points = detector(image)
   return align_face(image, points)
+
+
+def write_skipped(output_root: str | os.PathLike,
+                  input_root: str | os.PathLike,
+                  report: parse_report.ParseReport) -> Path | None:
+  """Lists every skipped image in ``<output_root>/skipped.txt``.
+
+  One line per image: its path relative to ``input_root``, a tab, and why it
+  was skipped. A stale file from an earlier run is removed when nothing was
+  skipped.
+
+  Returns:
+    The file written, or None.
+  """
+  path = Path(output_root) / SKIPPED_FILE
+  if not report.skipped:
+    path.unlink(missing_ok=True)
+    return None
+  path.parent.mkdir(parents=True, exist_ok=True)
+  lines = []
+  for location, reason in report.skipped:
+    relative = os.path.relpath(location, input_root)
+    lines.append(f"{Path(relative).as_posix()}\t{' '.join(reason.split())}")
+  path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+  return path
 
 
 def align_directory(input_dir: str | os.PathLike, output_dir: str | os.PathLike,
                     *,
                     landmarks: dict[str, Landmarks] | None = None,
+                    landmarks_dir: str | os.PathLike | None = None,
                     detector: Callable[[np.ndarray], Landmarks] | None = None,
                     lfw_crop: bool = False,
                     skip_bad_examples: bool = False,
-                    progress: bool = True) -> report_lib.ParseReport:
+                    progress: bool = True) -> parse_report.ParseReport:
   """Aligns images of ``input_dir`` into ``output_dir`` (same relative paths).
 
   Exactly one landmark source is used: ``lfw_crop``, else ``landmarks``
-  (only the listed files are processed), else ``detector`` (every image found
-  recursively).
+  (only the listed files, matched to files ignoring case), else
+  ``landmarks_dir`` (every image, with the ``.pts`` file of the same name
+  there, see :func:`find_pts_files`), else ``detector`` (every image found
+  recursively). Skipped images are listed in ``<output_dir>/skipped.txt``.
 
   Args:
     input_dir: raw images.
     output_dir: receives 112x112 aligned faces.
     landmarks: relative path -> ``[5, 2]`` landmarks.
+    landmarks_dir: folder of iBUG ``.pts`` files (5 or 68 points).
     detector: callable image -> ``[5, 2]`` landmarks.
     lfw_crop: apply the fixed LFW deep-funneled crop instead of alignment.
-    skip_bad_examples: count unreadable images and failed detections instead
-      of raising.
+    skip_bad_examples: count unreadable images, missing landmarks and failed
+      detections instead of raising.
     progress: show a tqdm progress bar.
 
   Returns:
@@ -369,68 +727,115 @@ def align_directory(input_dir: str | os.PathLike, output_dir: str | os.PathLike,
   input_root, output_root = Path(input_dir), Path(output_dir)
   if not input_root.is_dir():
     raise FileNotFoundError(f"{input_root}: input folder not found")
+  if landmarks_dir is not None and not Path(landmarks_dir).is_dir():
+    raise FileNotFoundError(f"{landmarks_dir}: landmarks folder not found")
   if lfw_crop:
     mode = "lfw"
+  elif landmarks is not None:
+    mode = "landmarks"
   else:
-    mode = "landmarks" if landmarks is not None else "detect"
+    mode = "pts" if landmarks_dir is not None else "detect"
   if mode == "detect" and detector is None:
-    raise ValueError("need landmarks, a detector or lfw_crop")
-  if mode == "landmarks":
-    names = list(landmarks)
-  else:
-    extensions = lists_lib.IMAGE_EXTENSIONS
-    names = sorted(str(p.relative_to(input_root)) for p in input_root.rglob("*")
-                   if p.is_file() and p.name.lower().endswith(extensions))
-  report = report_lib.ParseReport()
-  for name in tqdm(names, desc="aligning", unit="img", disable=not progress):
+    raise ValueError("need landmarks, a landmarks folder, a detector or "
+                     "lfw_crop")
+  report = parse_report.ParseReport()
+  jobs = _plan(input_root, landmarks if mode == "landmarks" else None,
+               Path(landmarks_dir) if mode == "pts" else None,
+               skip_bad_examples, report)
+  for name, source in tqdm(jobs, desc="aligning", unit="img",
+                           disable=not progress):
     try:
-      face = _align_one(input_root, name, mode, landmarks, detector)
+      face = _align_one(input_root, name, source, mode, detector)
     except ValueError as e:  # ImageDecodeError and NoFaceError included.
-      report_lib.handle_bad_entry(str(input_root / name), str(e),
+      parse_report.handle_bad_entry(str(input_root / name), str(e),
                                   skip_bad_examples, report)
       continue
     _save_image(face, output_root / name)
     report.add_ok()
+  write_skipped(output_root, input_root, report)
   return report
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="python -m mtlface_jax.align",
-      description="Align face photos to the 112x112 ArcFace template.")
+      description="Align face photos to the 112x112 ArcFace template. With "
+      "no landmark option, .pts files found beside the images are used; "
+      "without those, a detector.")
   parser.add_argument("--input", required=True, help="folder of raw images")
   parser.add_argument("--output", required=True, help="output folder")
   source = parser.add_mutually_exclusive_group()
   source.add_argument("--landmarks", help="file of 'relative/path x1 y1 ... "
-                      "x5 y5' lines (paths relative to --input)")
+                      "x5 y5' (or 68-point) lines (paths relative to --input, "
+                      "matched ignoring case)")
+  source.add_argument("--landmarks-dir", "--landmarks_dir",
+                      dest="landmarks_dir",
+                      help="folder of iBUG/FG-NET .pts files named like the "
+                      "images (ignoring case and extension)")
   source.add_argument("--lfw-crop", action="store_true",
                       help="fixed centre crop for LFW deep-funneled images")
-  source.add_argument("--detector", default="auto",
+  source.add_argument("--detector", default=None,
                       choices=("auto", "mtcnn", "dlib"),
-                      help="landmark detector when no --landmarks are given")
-  parser.add_argument("--skip-bad-examples", action="store_true",
+                      help="landmark detector (default when no landmarks "
+                      "are given or found: auto)")
+  parser.add_argument("--pad-retry", "--pad_retry", type=float, default=0.0,
+                      metavar="MARGIN",
+                      help="with a detector: retry images without a face on "
+                      "a copy padded by MARGIN x the longer side (e.g. 0.3)")
+  parser.add_argument("--retry-min-side", "--retry_min_side", type=int,
+                      default=0, metavar="PX",
+                      help="with --pad-retry: also upscale the padded copy "
+                      "to at least PX pixels on its longer side")
+  parser.add_argument("--skip-bad-examples", "--skip_bad_examples",
+                      action="store_true",
                       help="skip and count unreadable images and images "
-                      "without a face instead of stopping")
+                      "without a face instead of stopping; all are listed in "
+                      "OUTPUT/skipped.txt")
   parser.add_argument("--no-progress", action="store_true")
   return parser.parse_args(argv)
+
+
+def _landmark_source(args) -> tuple[dict | None, str | None, object]:
+  """(landmarks, landmarks_dir, detector) from the command line."""
+  if args.pad_retry and (args.landmarks or args.landmarks_dir or
+                         args.lfw_crop):
+    raise ValueError("--pad-retry applies to a detector only")
+  landmarks = parse_landmark_file(args.landmarks) if args.landmarks else None
+  landmarks_dir = args.landmarks_dir
+  if not (landmarks is not None or landmarks_dir or args.lfw_crop or
+          args.detector):
+    if any(p.suffix.lower() == ".pts" for p in Path(args.input).rglob("*")):
+      landmarks_dir = args.input
+      print(f"using the .pts landmark files found in {args.input} (pass "
+            "--detector to detect faces instead)")
+  detector = None
+  if not args.lfw_crop and landmarks is None and not landmarks_dir:
+    detector = make_detector(args.detector or "auto")
+    if args.pad_retry:
+      detector = PaddedRetry(detector, args.pad_retry, args.retry_min_side)
+  return landmarks, landmarks_dir, detector
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point; returns the exit status."""
   args = _parse_args(argv)
   try:
-    landmarks = parse_landmark_file(args.landmarks) if args.landmarks else None
-    detector = None
-    if not args.lfw_crop and landmarks is None:
-      detector = make_detector(args.detector)
+    landmarks, landmarks_dir, detector = _landmark_source(args)
     report = align_directory(
-        args.input, args.output, landmarks=landmarks, detector=detector,
+        args.input, args.output, landmarks=landmarks,
+        landmarks_dir=landmarks_dir, detector=detector,
         lfw_crop=args.lfw_crop, skip_bad_examples=args.skip_bad_examples,
         progress=not args.no_progress)
   except (ValueError, ImportError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"aligned into {args.output}: {report.summary()}")
+  if report.num_skipped:
+    print(f"all {report.num_skipped} skipped images, with reasons: "
+          f"{Path(args.output) / SKIPPED_FILE}")
+  if isinstance(detector, PaddedRetry) and detector.num_retried:
+    print(f"padded retry found a face in {detector.num_rescued} of "
+          f"{detector.num_retried} images")
   return 0
 
 

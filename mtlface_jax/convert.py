@@ -1,15 +1,19 @@
 """Converts PyTorch MTLFace weights to Flax variables and an orbax checkpoint.
 
-Two source layouts (``../shared/reference/torch_layouts.json``):
+Two source layouts (docs/architecture.md sections 1-8 and 10):
 
 * ``cvpr``: the CVPR 2021 training code, one ``state_dict`` file per module as
   its logger saves them (``backbone-<iter>``, ``head-<iter>``,
   ``estimation_network-<iter>``, ``da_discriminator-<iter>``,
   ``generator-<iter>``, ``discriminator-<iter>``), with or without DDP's
   ``module.`` prefix.
-* ``tpami``: the released TPAMI 2022 model, one ``state_dict`` with keys
-  ``encoder.*``, ``age_estimator.*`` and ``decoder.*``. The recognition and age
-  path is converted; the StyleGAN2 aging branch is reported as not supported.
+* ``tpami``: the released TPAMI 2022 model (``mtlface_checkpoints.tar``), one
+  ``state_dict`` with keys ``encoder.*``, ``age_estimator.*`` and
+  ``decoder.*``. Every tensor is converted: the recognition path (module
+  ``encoder``), the age estimator (``age``) and the ageing branch, i.e. the
+  encoder's style path and the StyleGAN2 decoder (``generator``, a
+  :class:`~mtlface_jax.models.tpami_generator.TPAMIGenerator`). A file without
+  the ageing branch converts to ``encoder`` and ``age`` only.
 
 Files are read without executing pickled code: ``torch.load(weights_only=True)``
 when torch is installed, otherwise a restricted reader of PyTorch's zip format
@@ -20,7 +24,7 @@ Usage::
 
   python -m mtlface_jax.convert --layout cvpr --output ckpt/ \\
       --input backbone-36000 --input head-36000 --input estimation_network-36000
-  python -m mtlface_jax.convert --layout tpami --input mtlface.pth --output ckpt/
+  python -m mtlface_jax.convert --layout tpami --input mtlface_checkpoints.tar --output ckpt/
 
 The output directory is a checkpoint of :mod:`mtlface_jax.training.checkpoint`
 holding ``{'variables': {module: collections}}`` at step 0, which
@@ -47,7 +51,11 @@ from mtlface_jax.models import discriminator
 from mtlface_jax.models import generator
 from mtlface_jax.models import heads
 from mtlface_jax.models import icm
+from mtlface_jax.models import icm_v2
 from mtlface_jax.models import iresnet
+from mtlface_jax.models import spec as spec_lib
+from mtlface_jax.models import stylegan2
+from mtlface_jax.models import tpami_generator
 
 LAYOUTS = ("cvpr", "tpami")
 CVPR_MODULES = ("encoder", "head", "age", "da_age", "generator", "discriminator")
@@ -59,13 +67,11 @@ REFERENCE_FILE_NAMES = {
 }
 # Keys with no Flax counterpart that carry no information we need.
 IGNORED_SUFFIXES = ("num_batches_tracked",)
-# The released encoder's StyleGAN2-code branch, and its StyleGAN2 decoder.
-TPAMI_UNSUPPORTED_PREFIXES = ("decoder.", "encoder.styles.", "encoder.upsample",
-                              "encoder.latlayer", "encoder.aging")
-TPAMI_AGING_NOTE = ("NOT SUPPORTED YET: face age synthesis with the released TPAMI model needs "
-                    "its StyleGAN2 decoder, which is not converted; only recognition and age "
-                    "estimation are available from this checkpoint")
-BACKBONE_NAMES = {34: "ir34", 50: "ir50", 64: "ir64", 101: "ir101"}
+# The released model's ageing branch: the encoder's style path and the StyleGAN2 decoder.
+TPAMI_GENERATOR_PREFIXES = ("decoder.", "encoder.styles.", "encoder.upsample",
+                            "encoder.latlayer", "encoder.aging")
+TPAMI_NO_AGEING_NOTE = ("this file has no ageing branch (no decoder.* or encoder style-path "
+                        "tensors): recognition and age estimation only, no face age synthesis")
 
 
 class ConversionError(ValueError):
@@ -303,11 +309,8 @@ def _router_constants(num_groups: int, num_blocks: int = 4) -> dict[str, np.ndar
 
 def encoder_spec(num_layers: int, released: bool, prefix: str = "") -> ModuleSpec:
   """The encoder: CVPR (attention v1) or the released TPAMI recognition path (v2)."""
-  if released:
-    module = iresnet.Encoder(num_layers, attention_version=2, dropout_rate=0.4,
-                             normalize_embedding=True)
-  else:
-    module = iresnet.Encoder(num_layers, attention_version=1, dropout_rate=0.5)
+  family = "tpami" if released else "cvpr"
+  module = spec_lib.build(spec_lib.reference_spec(family, num_layers)).encoder
   return ModuleSpec("encoder", module, (_abstract(1, 112, 112, 3),),
                     tuple(tm.encoder_entries(num_layers)), prefix=prefix)
 
@@ -334,6 +337,59 @@ def generator_spec(num_groups: int) -> ModuleSpec:
                     tuple(tm.generator_entries()), _router_constants(num_groups))
 
 
+def _tpami_generator_constants(num_groups: int, widths: Sequence[int],
+                               num_blocks: int = 4) -> dict[str, np.ndarray]:
+  """Router masks of the three ICM v2 (on x_id, c3, c2 widths) and the FIR kernels."""
+  constants = {}
+  for index, channels in zip((1, 2, 3), (widths[3], widths[2], widths[1])):
+    mask = icm_v2.v2_router_mask(num_groups, channels)
+    prefix = f"encoder.aging{index}."
+    constants[prefix + "router._unit_mapping"] = mask
+    for i in range(num_blocks):
+      for j in (1, 2):
+        constants[f"{prefix}transform.{i}.router{j}._unit_mapping"] = mask
+  for key, gain in tm.stylegan2_kernel_keys().items():
+    constants[key] = stylegan2.blur_kernel_2d(gain=gain)
+  return constants
+
+
+def tpami_generator_spec(num_groups: int = 7, style_dim: int = 512,
+                         channels: Optional[Sequence[int]] = None,
+                         widths: Sequence[int] = iresnet.STAGE_DEPTHS) -> ModuleSpec:
+  """The released model's ageing branch as one module, ``generator``.
+
+  Its tensors are the encoder's style path (``encoder.styles.*``,
+  ``encoder.aging{1,2,3}.*``, ``encoder.upsample{1,2,3}.*``,
+  ``encoder.latlayer{1,2}.*``: 231) and the decoder (``decoder.*``: 118).
+
+  Args:
+    num_groups: age groups.
+    style_dim: latent width (512 released; smaller in tests).
+    channels: StyleGAN2 widths at 4..128 px (None = released).
+    widths: channels of the encoder outputs x2, x3, x4, x_id (the IR stage
+      widths; smaller in tests).
+
+  Returns:
+    The :class:`ModuleSpec` (keys carry their ``encoder.``/``decoder.`` prefixes).
+  """
+  module = tpami_generator.TPAMIGenerator(num_groups, style_dim=style_dim,
+                                          channels=None if channels is None else tuple(channels))
+  c1, c2, c3, c4 = widths
+  inputs = (_abstract(1, 112, 112, 3), _abstract(1, 56, 56, c1), _abstract(1, 28, 28, c2),
+            _abstract(1, 14, 14, c3), _abstract(1, 7, 7, c4), _abstract(1, dtype=np.int32))
+  return ModuleSpec("generator", module, inputs, tuple(tm.tpami_generator_entries()),
+                    _tpami_generator_constants(num_groups, widths))
+
+
+def tpami_generator_meta(module: tpami_generator.TPAMIGenerator) -> dict:
+  """The TPAMIGenerator fields to rebuild it: ``TPAMIGenerator(age_group, **fields, dtype=)``."""
+  return {"image_size": module.image_size,
+          "style_dim": module.style_dim,
+          "channels": None if module.channels is None else list(module.channels),
+          "channel_multiplier": module.channel_multiplier,
+          "mapping_layers": module.mapping_layers, "lr_mlp": module.lr_mlp}
+
+
 def discriminator_spec(num_groups: int) -> ModuleSpec:
   """The spectral-norm patch discriminator (``u``/``v`` in collection 'spectral')."""
   return ModuleSpec("discriminator", discriminator.PatchDiscriminator(num_groups),
@@ -352,6 +408,12 @@ def expected_torch_shape(flax_shape: tuple[int, ...], transform: str) -> tuple[i
     return tuple(reversed(flax_shape))
   if transform == "dense_from_1x1":
     return (flax_shape[1], flax_shape[0], 1, 1)
+  if transform == "modconv":
+    kh, kw, cin, cout = flax_shape
+    return (1, cout, cin, kh, kw)
+  if transform == "nhwc":
+    n, h, w, c = flax_shape
+    return (n, c, h, w)
   return tuple(flax_shape)
 
 
@@ -359,11 +421,12 @@ def expected_torch_shape(flax_shape: tuple[int, ...], transform: str) -> tuple[i
 class ConversionReport:
   """What a conversion used, skipped and could not match, by PyTorch key."""
   converted: dict = dataclasses.field(default_factory=dict)  # module -> tensor count
+  constants: int = 0  # fixed buffers checked against their known values (routers, kernels)
+  ignored: list = dataclasses.field(default_factory=list)  # num_batches_tracked
   missing: list = dataclasses.field(default_factory=list)
   wrong_shape: list = dataclasses.field(default_factory=list)
   wrong_value: list = dataclasses.field(default_factory=list)
   unexpected: list = dataclasses.field(default_factory=list)
-  unsupported: list = dataclasses.field(default_factory=list)
   notes: list = dataclasses.field(default_factory=list)
 
   def errors(self, allow_unexpected: bool = False) -> list[str]:
@@ -380,16 +443,12 @@ class ConversionReport:
     parts = [f"converted {name}: {count} tensors" for name, count in self.converted.items()]
     if self.unexpected:
       parts.append(f"unexpected keys ({len(self.unexpected)}): {', '.join(self.unexpected)}")
-    if self.unsupported:
-      parts.append(f"skipped {len(self.unsupported)} tensors of the StyleGAN2 aging branch ("
-                   + ", ".join(_prefix_counts(self.unsupported)) + ")")
+    converted = sum(self.converted.values())
+    total = converted + self.constants + len(self.ignored) + len(self.unexpected)
+    parts.append(f"{total} tensors read: {converted} converted, {self.constants} constant "
+                 f"buffers checked, {len(self.ignored)} BatchNorm counters "
+                 f"(num_batches_tracked) not needed; {len(self.unexpected)} skipped")
     return "\n".join(parts + self.notes)
-
-
-def _prefix_counts(keys: Sequence[str]) -> list[str]:
-  counts = collections.Counter(next(p for p in TPAMI_UNSUPPORTED_PREFIXES if k.startswith(p))
-                               for k in keys)
-  return [f"{prefix}*: {count}" for prefix, count in counts.items()]
 
 
 def convert_module(state_dict: Mapping[str, np.ndarray], spec: ModuleSpec,
@@ -425,6 +484,8 @@ def convert_module(state_dict: Mapping[str, np.ndarray], spec: ModuleSpec,
       report.missing.append(where + key)
     elif state_dict[key].shape != value.shape or not np.array_equal(state_dict[key], value):
       report.wrong_value.append(f"{where}{key} differs from the reference constant")
+    else:
+      report.constants += 1
   if not ok:
     return None
   subset = {e.torch_key: np.asarray(state_dict[spec.prefix + e.torch_key], np.float32)
@@ -438,14 +499,13 @@ def _used_keys(spec: ModuleSpec) -> set[str]:
           | {spec.prefix + k for k in spec.constants})
 
 
-def _note_unexpected(state_dict, used: set[str], report: ConversionReport, source: str,
-                     unsupported_prefixes: Sequence[str] = ()) -> None:
+def _note_unexpected(state_dict, used: set[str], report: ConversionReport, source: str) -> None:
   where = f"{source}: " if source else ""
   for key in state_dict:
-    if key in used or key.endswith(IGNORED_SUFFIXES):
+    if key in used:
       continue
-    if key.startswith(tuple(unsupported_prefixes)):
-      report.unsupported.append(key)
+    if key.endswith(IGNORED_SUFFIXES):
+      report.ignored.append(where + key)
     else:
       report.unexpected.append(where + key)
 
@@ -538,6 +598,7 @@ def convert_cvpr(state_dicts: Mapping[str, Mapping[str, np.ndarray]],
   report, variables = ConversionReport(), {}
   meta = {"converted_from": "pytorch", "layout": "cvpr", "age_group": num_groups,
           "modules": sorted(state_dicts), "sources": sources}
+  encoder = None
   for name, state_dict in state_dicts.items():
     spec = _cvpr_spec(name, state_dict, num_layers, num_groups)
     converted = convert_module(state_dict, spec, report, sources.get(name, name))
@@ -545,27 +606,32 @@ def convert_cvpr(state_dicts: Mapping[str, Mapping[str, np.ndarray]],
     if converted is not None:
       variables[name] = converted
     if name == "encoder":
-      meta.update(_encoder_meta(spec.module))
+      encoder = spec.module
     if name == "head":
       meta["num_classes"] = spec.module.num_classes
   _finish(report, allow_unexpected)
+  meta.update(_model_meta("cvpr", encoder, num_groups, meta.get("num_classes")))
   return Conversion(variables, meta, report)
 
 
-def _encoder_meta(encoder) -> dict:
-  return {"backbone": BACKBONE_NAMES[encoder.num_layers], "num_layers": encoder.num_layers,
-          "attention_version": encoder.attention_version, "dropout_rate": encoder.dropout_rate,
-          "normalize_embedding": encoder.normalize_embedding}
+def _model_meta(family: str, encoder, num_groups: int, num_classes: Optional[int],
+                generator: Optional[dict] = None) -> dict:
+  """The ``model`` entry of a conversion's meta: the spec every reader rebuilds from."""
+  spec = spec_lib.reference_spec(family, encoder.num_layers if encoder else 50, num_groups,
+                                 num_classes, generator)
+  return {"model": spec.to_dict()}
 
 
 def convert_tpami(state_dict: Mapping[str, np.ndarray], source: str = "",
                   allow_unexpected: bool = False) -> Conversion:
-  """Converts the released TPAMI checkpoint's recognition and age path.
+  """Converts the released TPAMI checkpoint, every tensor of it.
 
-  ``encoder.*`` (IR-50, attention v2, normalised embedding) becomes
-  ``variables['encoder']`` and ``age_estimator.*`` becomes ``variables['age']``.
-  The StyleGAN2 aging branch (``decoder.*`` and the encoder's style-code
-  layers) is listed in ``report.unsupported``: it is not converted.
+  ``encoder.*`` recognition path (IR-50, attention v2, normalised embedding)
+  becomes ``variables['encoder']``, ``age_estimator.*`` ``variables['age']``,
+  and the ageing branch (the encoder's style path and ``decoder.*``)
+  ``variables['generator']`` (:func:`tpami_generator_spec`). A file without
+  any ageing-branch tensor converts without a generator (and says so); one
+  with only part of it is an error naming the missing keys.
 
   Args:
     state_dict: the whole model's state_dict.
@@ -573,7 +639,8 @@ def convert_tpami(state_dict: Mapping[str, np.ndarray], source: str = "",
     allow_unexpected: only report (not fail on) keys no module uses.
 
   Returns:
-    The :class:`Conversion`.
+    The :class:`Conversion`; ``meta['generator']`` holds the generator's
+    fields (or None).
 
   Raises:
     ConversionError: naming every missing, misshaped or unexpected key.
@@ -582,18 +649,24 @@ def convert_tpami(state_dict: Mapping[str, np.ndarray], source: str = "",
   num_groups = infer_num_groups({"model": state_dict}, prefix="")
   specs = [encoder_spec(50, released=True, prefix="encoder."),
            age_spec("age", num_groups, released=True, prefix="age_estimator.")]
+  has_generator = any(key.startswith(TPAMI_GENERATOR_PREFIXES) for key in state_dict)
+  if has_generator:
+    specs.append(tpami_generator_spec(num_groups))
   report, variables, used = ConversionReport(), {}, set()
   for spec in specs:
     converted = convert_module(state_dict, spec, report, source)
     used |= _used_keys(spec)
     if converted is not None:
       variables[spec.name] = converted
-  _note_unexpected(state_dict, used, report, source, TPAMI_UNSUPPORTED_PREFIXES)
-  report.notes.append(TPAMI_AGING_NOTE)
+  _note_unexpected(state_dict, used, report, source)
+  if not has_generator:
+    report.notes.append(TPAMI_NO_AGEING_NOTE)
   _finish(report, allow_unexpected)
+  generator_fields = tpami_generator_meta(specs[2].module) if has_generator else None
   meta = {"converted_from": "pytorch", "layout": "tpami", "age_group": num_groups,
           "modules": sorted(variables), "sources": {"model": source},
-          "unsupported": _prefix_counts(report.unsupported), **_encoder_meta(specs[0].module)}
+          "skipped": len(report.unexpected),
+          **_model_meta("tpami", specs[0].module, num_groups, None, generator_fields)}
   return Conversion(variables, meta, report)
 
 
@@ -667,11 +740,56 @@ def read_cvpr_inputs(inputs: Sequence[str], reader: str = "auto") -> tuple[dict,
   for spec in inputs:
     name, path = _parse_input(spec)
     state_dict = read_state_dict(path, reader)
+    check_layout("cvpr", [(path, state_dict)])
     name = name or identify_cvpr_module(path, state_dict)
     if name in state_dicts:
       raise ConversionError(f"two inputs for module {name!r}: {sources[name]} and {path}")
     state_dicts[name], sources[name] = state_dict, str(path)
   return state_dicts, sources
+
+
+# Top-level key prefixes of the released TPAMI model; a CVPR training file has
+# one module's keys (``input_layer.*``, ``block1.*``, ``weight``, ...) instead.
+TPAMI_PREFIXES = ("encoder.", "age_estimator.", "decoder.")
+
+
+def detect_layout(state_dict: Mapping[str, Any]) -> Optional[str]:
+  """``'tpami'`` for the released whole-model file, ``'cvpr'`` for a per-module file.
+
+  Args:
+    state_dict: as read (a DDP ``module.`` prefix is ignored).
+
+  Returns:
+    The layout the keys look like, or None when they look like neither.
+  """
+  keys = list(strip_ddp_prefix(state_dict))
+  if not keys:
+    return None
+  tpami = sum(k.startswith(TPAMI_PREFIXES) for k in keys)
+  if tpami == len(keys):
+    return "tpami"
+  if tpami == 0:
+    return "cvpr"
+  return None
+
+
+def check_layout(layout: str, paths_and_state_dicts: Sequence[tuple[Any, Mapping]]) -> None:
+  """Raises a one-line error when an input has the other layout's keys.
+
+  Raises:
+    ConversionError: e.g. ``x.pth: this looks like a TPAMI state_dict (keys
+      encoder.*, age_estimator.*, decoder.*): use --layout tpami``.
+  """
+  for path, state_dict in paths_and_state_dicts:
+    found = detect_layout(state_dict)
+    if found == layout or found is None:
+      continue
+    if found == "tpami":
+      raise ConversionError(f"{path}: this looks like a TPAMI state_dict (keys "
+                            f"{', '.join(p + '*' for p in TPAMI_PREFIXES)}): use --layout tpami")
+    raise ConversionError(f"{path}: this looks like a CVPR per-module state_dict (no "
+                          f"{'/'.join(p + '*' for p in TPAMI_PREFIXES)} keys): use --layout "
+                          "cvpr, one --input per module file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -684,7 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a PyTorch file (repeat for cvpr modules; MODULE one of "
                       f"{', '.join(CVPR_MODULES)}; inferred from the file name or keys)")
   parser.add_argument("--output", required=True, help="new checkpoint directory")
-  parser.add_argument("--backbone", choices=["auto", *BACKBONE_NAMES.values()], default="auto",
+  parser.add_argument("--backbone", choices=["auto", *spec_lib.BACKBONES], default="auto",
                       help="cvpr backbone depth (default: inferred from the keys)")
   parser.add_argument("--age-groups", type=int, default=None,
                       help="age groups (default: inferred from the tensors)")
@@ -701,11 +819,12 @@ def run(args: argparse.Namespace) -> Conversion:
     if len(args.input) != 1:
       raise ConversionError("--layout tpami takes exactly one --input (the released file)")
     path = _parse_input(args.input[0])[1]
-    conversion = convert_tpami(read_state_dict(path, args.reader), str(path),
-                               args.allow_unexpected)
+    state_dict = read_state_dict(path, args.reader)
+    check_layout("tpami", [(path, state_dict)])
+    conversion = convert_tpami(state_dict, str(path), args.allow_unexpected)
   else:
     state_dicts, sources = read_cvpr_inputs(args.input, args.reader)
-    num_layers = None if args.backbone == "auto" else int(args.backbone[2:])
+    num_layers = None if args.backbone == "auto" else spec_lib.BACKBONES[args.backbone]
     conversion = convert_cvpr(state_dicts, num_layers, args.age_groups, sources,
                               args.allow_unexpected)
   save_conversion(conversion, args.output)

@@ -26,6 +26,7 @@ standalone model: :func:`mtlface_jax.inference.load` pairs it with
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 import shutil
@@ -36,113 +37,46 @@ from typing import Optional, Sequence
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from mtlface_jax import checkpoint_io
 from mtlface_jax import inference
-from mtlface_jax import synthesis
-from mtlface_jax.models import generator as generator_lib
-from mtlface_jax.models import heads
-from mtlface_jax.models import iresnet
-from mtlface_jax.models import mtlface
+from mtlface_jax import predict
+from mtlface_jax.models import spec as spec_lib
 from mtlface_jax.training import checkpoint as checkpoint_lib
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16")  # What a bundle may compute in.
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
-CONVERTED_IMAGE_SIZE = 112  # The PyTorch models are defined on 112x112 faces.
 
 
 class ExportError(ValueError):
   """A checkpoint that cannot be exported; the message says why."""
 
 
-def model_spec(meta: dict, modules: Sequence[str]) -> dict:
-  """The JSON description of the inference modules a checkpoint's variables fit.
+def model_spec(meta: dict, modules: Sequence[str]) -> spec_lib.ModelSpec:
+  """The spec of a bundle's inference modules, from the source checkpoint's meta.
 
   Args:
-    meta: the checkpoint's meta: a training run's (``config`` JSON), a
-      conversion's (``converted_from``) or a bundle's (``model``).
-    modules: module names that have variables (``generator`` decides whether
-      the spec has one).
+    meta: the checkpoint's meta (``spec.from_meta`` reads it).
+    modules: modules with variables; without ``generator`` the spec has none.
 
   Returns:
-    ``{'image_size', 'age_group', 'encoder': Encoder fields,
-    'generator': Generator fields or None}``.
+    The spec without head and discriminator (a bundle holds neither).
 
   Raises:
     ExportError: if the meta describes no known kind of checkpoint.
   """
-  if isinstance(meta.get("model"), dict):
-    spec = dict(meta["model"])
-  elif isinstance(meta.get("config"), str):
-    spec = _spec_from_training_config(ml_collections.ConfigDict(json.loads(meta["config"])))
-  elif meta.get("converted_from") == "pytorch":
-    spec = _spec_from_conversion(meta)
-  else:
-    raise ExportError("cannot tell which model the checkpoint holds: its meta has no "
-                      f"'config', 'converted_from' or 'model' (keys: {sorted(meta)})")
-  if "generator" not in modules:
-    spec["generator"] = None
-  return spec
+  try:
+    spec = spec_lib.from_meta(meta)
+  except ValueError as error:
+    raise ExportError(str(error)) from error
+  return dataclasses.replace(spec, num_classes=None, discriminator=None,
+                             generator=spec.generator if "generator" in modules else None)
 
 
-def _spec_from_training_config(config) -> dict:
-  # Read the fields off the modules training builds, so the two cannot drift.
-  models = mtlface.build_models(config)
-  return {"image_size": int(config.image_size), "age_group": int(config.age_group),
-          "encoder": _encoder_fields(models.encoder),
-          "generator": {"unit_count": models.generator.unit_count,
-                        "decoder_features": list(models.generator.decoder_features)}}
-
-
-def _spec_from_conversion(meta: dict) -> dict:
-  if "num_layers" not in meta:
-    raise ExportError("the converted checkpoint has no encoder (its meta lacks 'num_layers')")
-  encoder = iresnet.Encoder(int(meta["num_layers"]),
-                            attention_version=int(meta.get("attention_version", 1)),
-                            dropout_rate=float(meta.get("dropout_rate", 0.5)),
-                            normalize_embedding=bool(meta.get("normalize_embedding", False)))
-  default = generator_lib.Generator()
-  return {"image_size": CONVERTED_IMAGE_SIZE, "age_group": int(meta.get("age_group", 7)),
-          "encoder": _encoder_fields(encoder),
-          "generator": {"unit_count": default.unit_count,
-                        "decoder_features": list(default.decoder_features)}}
-
-
-def _encoder_fields(encoder: iresnet.Encoder) -> dict:
-  return {"num_layers": encoder.num_layers,
-          "units": list(encoder.units) if encoder.units else None,
-          "depths": list(encoder.depths), "attention_version": encoder.attention_version,
-          "dropout_rate": encoder.dropout_rate,
-          "normalize_embedding": encoder.normalize_embedding}
-
-
-def build_inference_models(spec: dict, dtype: str = "float32") -> inference.InferenceModels:
-  """Flax modules from a :func:`model_spec`, computing in ``dtype``.
-
-  As in training, the age estimator computes in float32 and all parameters
-  are float32.
-  """
-  if dtype not in DTYPES:
-    raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-  compute = mtlface.compute_dtype(dtype)
-  fields = dict(spec["encoder"])
-  encoder = iresnet.Encoder(
-      fields["num_layers"], units=tuple(fields["units"]) if fields.get("units") else None,
-      depths=tuple(fields["depths"]), attention_version=fields["attention_version"],
-      dropout_rate=fields["dropout_rate"], normalize_embedding=fields["normalize_embedding"],
-      dtype=compute)
-  age = heads.AgeEstimator(spec["age_group"], dtype=jnp.float32)
-  generator = None
-  if spec.get("generator"):
-    generator = generator_lib.Generator(
-        spec["age_group"], unit_count=spec["generator"]["unit_count"],
-        decoder_features=tuple(spec["generator"]["decoder_features"]), dtype=compute)
-  return inference.InferenceModels(encoder, age, generator)
-
-
-def read_checkpoint(path: str | Path, step: Optional[int] = None) -> tuple[dict, dict, dict]:
+def read_checkpoint(path: str | Path, step: Optional[int] = None
+                    ) -> tuple[dict, spec_lib.ModelSpec, dict]:
   """The inference variables, model spec and facts of a checkpoint.
 
   Args:
@@ -152,37 +86,36 @@ def read_checkpoint(path: str | Path, step: Optional[int] = None) -> tuple[dict,
 
   Returns:
     (module -> collections of NumPy arrays for encoder/age/generator, the
-    :func:`model_spec`, ``{'checkpoint', 'step', 'kind', 'meta'}``).
+    spec of those modules (no generator when the checkpoint has none),
+    ``{'checkpoint', 'step', 'kind', 'meta'}``).
 
   Raises:
     FileNotFoundError: if there is no checkpoint at ``path``.
     ExportError: if it lacks an encoder or age estimator, or has an unknown meta.
   """
-  directory = checkpoint_lib.checkpoint_dir(path).absolute()
-  variables, meta, step = inference.restore_variables(directory, step,
-                                                      inference.INFERENCE_MODULES)
+  directory = checkpoint_io.checkpoint_dir(path)
+  variables, meta, step = checkpoint_io.restore_variables(directory, step,
+                                                          inference.INFERENCE_MODULES)
   missing = [name for name in ("encoder", "age") if name not in variables]
   if missing:
     raise ExportError(f"checkpoint {directory} (step {step}) has no {' or '.join(missing)} "
                       f"variables (it has {sorted(variables)}); an inference bundle needs "
                       "the encoder and the age estimator")
   spec = model_spec(meta, sorted(variables))
-  kind = ("bundle" if "model" in meta else "converted" if meta.get("converted_from")
-          else "training")
-  return variables, spec, {"checkpoint": str(directory), "step": step, "kind": kind,
-                           "meta": meta}
+  return variables, spec, {"checkpoint": str(directory), "step": step,
+                           "kind": spec_lib.kind_of(meta), "meta": meta}
 
 
 def _abstract(tree):
   return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
 
 
-def export_programs(models: inference.InferenceModels, variables: dict, image_size: int,
+def export_programs(models: spec_lib.MTLFaceModels, variables: dict, image_size: int,
                     platforms: Sequence[str] = DEFAULT_PLATFORMS) -> dict:
   """Lowers the inference programs with a symbolic batch size ``b``.
 
   Args:
-    models: from :func:`build_inference_models`.
+    models: from ``spec.build``.
     variables: the inference variables (their shapes and dtypes are used).
     image_size: S of the [b, S, S, 3] float32 inputs.
     platforms: platforms to lower for (a subset of ``KNOWN_PLATFORMS``).
@@ -198,10 +131,10 @@ def export_programs(models: inference.InferenceModels, variables: dict, image_si
   specs = _abstract(variables)
 
   def encode_fn(variables, images):
-    return inference.encode(models, variables, images)._asdict()
+    return predict.encode(models, variables, images)._asdict()
 
   def synthesize_fn(variables, images, groups):
-    out = synthesis.synthesize(models, variables, images, groups)
+    out = predict.synthesize(models, variables, images, groups)
     return out.astype(jnp.float32)
 
   programs = {"encode": (encode_fn, (specs, images))}
@@ -218,11 +151,11 @@ def export_programs(models: inference.InferenceModels, variables: dict, image_si
   return exported
 
 
-def _manifest(spec: dict, source: dict, dtype: str, platforms: Sequence[str],
+def _manifest(spec: spec_lib.ModelSpec, source: dict, dtype: str, platforms: Sequence[str],
               programs: dict) -> dict:
   functions = {"encode": {
       "file": inference.ENCODE_FILE,
-      "inputs": ["variables", f"images float32[b,{spec['image_size']},{spec['image_size']},3] "
+      "inputs": ["variables", f"images float32[b,{spec.image_size},{spec.image_size},3] "
                  "in [-1,1]"],
       "outputs": {"embedding": "float32[b,D] L2-normalised e(x)+e(mirror x)",
                   "age": "float32[b] mean expected age", "group_logits": "float32[b,G]"}}}
@@ -234,9 +167,9 @@ def _manifest(spec: dict, source: dict, dtype: str, platforms: Sequence[str],
   outputs = jax.tree_util.tree_unflatten(programs["encode"].out_tree,
                                          programs["encode"].out_avals)
   return {"format": inference.BUNDLE_FORMAT, "version": inference.BUNDLE_VERSION,
-          "image_size": spec["image_size"], "num_groups": spec["age_group"],
+          "image_size": spec.image_size, "num_groups": spec.age_group, "family": spec.family,
           "embedding_size": int(outputs["embedding"].shape[-1]), "dtype": dtype,
-          "platforms": list(platforms), "functions": functions, "model": spec,
+          "platforms": list(platforms), "functions": functions, "model": spec.to_dict(),
           "source": {k: source[k] for k in ("checkpoint", "step", "kind")},
           "jax_version": jax.__version__,
           "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -281,8 +214,8 @@ def export_bundle(checkpoint: str | Path, output: str | Path, dtype: str = "floa
     raise ValueError(f"platforms must be a non-empty subset of {KNOWN_PLATFORMS}, "
                      f"got {list(platforms)}")
   variables, spec, source = read_checkpoint(checkpoint, step)
-  models = build_inference_models(spec, dtype)
-  programs = export_programs(models, variables, spec["image_size"], platforms)
+  models = spec_lib.build(spec, dtype)
+  programs = export_programs(models, variables, spec.image_size, platforms)
   manifest = _manifest(spec, source, dtype, platforms, programs)
   partial = output.parent / f".{output.name}.partial"
   shutil.rmtree(partial, ignore_errors=True)
@@ -290,7 +223,8 @@ def export_bundle(checkpoint: str | Path, output: str | Path, dtype: str = "floa
   try:
     # The source meta is kept so that whatever accepted the source accepts this.
     _write_variables(partial / inference.VARIABLES_DIR, variables,
-                     {**source["meta"], "model": spec, "exported_from": source["checkpoint"]})
+                     {**source["meta"], "model": spec.to_dict(),
+                      "exported_from": source["checkpoint"]})
     for name, program in programs.items():
       (partial / manifest["functions"][name]["file"]).write_bytes(program.serialize())
     (partial / inference.CONFIG_FILE).write_text(json.dumps(_source_config(source["meta"]),

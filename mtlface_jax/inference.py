@@ -1,17 +1,13 @@
-"""Inference with MTLFace: the flip-averaged ``encode`` and exported bundles.
+"""Exported inference bundles: load and run them without the model code.
 
-Two ways in:
-
-* :func:`encode` runs in-process Flax modules on their variables: the
-  released TPAMI model's test-time encoding, ``normalize(e(x) + e(mirror x))``
-  as the identity embedding and the mean expected (DEX) age of both views.
-  Evaluation, the export and the TPAMI parity test use it.
-* :func:`load` opens an inference bundle written by
-  ``python -m mtlface_jax.export`` and returns an :class:`InferenceModel`
-  with ``embed``, ``age``, ``encode`` and (with a generator) ``synthesize``.
-  It needs only the bundle, JAX, NumPy and orbax: the serialized
-  ``jax.export`` programs replace the model code, so neither
-  ``mtlface_jax.models`` nor the training code (nor Flax) is imported.
+:func:`load` opens an inference bundle written by ``python -m
+mtlface_jax.export`` and returns an :class:`InferenceModel` with ``embed``,
+``age``, ``encode`` and (with a generator) ``synthesize``. It needs only the
+bundle, JAX, NumPy and orbax: the serialized ``jax.export`` programs replace
+the model code, so neither ``mtlface_jax.models`` nor the training code (nor
+Flax) is imported. In-process prediction with Flax modules is
+:mod:`mtlface_jax.predict`, whose ``encode`` the bundle's programs were
+exported from.
 
 A bundle is a directory::
 
@@ -28,12 +24,12 @@ programs stay small.
 
 import json
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
+
+from mtlface_jax import checkpoint_io
 
 BUNDLE_FORMAT = "mtlface-jax-inference-bundle"
 BUNDLE_VERSION = 1
@@ -49,130 +45,18 @@ class BundleError(ValueError):
   """An inference bundle that is incomplete, corrupt or of another format."""
 
 
-class InferenceModels(NamedTuple):
-  """The Flax modules inference needs (``MTLFaceModels`` fits this too)."""
-  encoder: Any
-  age: Any
-  generator: Any = None
-
-
 class Encoding(NamedTuple):
-  """Flip-averaged outputs for a batch of faces.
+  """The encoding of a batch of faces (``mtlface_jax.predict.encode``'s output).
 
   Attributes:
-    embedding: float32 [B, D], L2-normalised ``e(x) + e(mirror x)``.
-    age: float32 [B], mean expected age (years) of both views.
-    group_logits: float32 [B, G], mean age-group logits of both views.
+    embedding: float32 [B, D], L2-normalised (``e(x) + e(mirror x)`` with flip).
+    age: float32 [B], expected age in years (mean of both views with flip).
+    group_logits: float32 [B, G] age-group logits (mean of both views with flip).
   """
   embedding: Any
   age: Any
   group_logits: Any
 
-
-def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """``x / max(||x||, eps)`` over the last axis, like ``F.normalize``."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-  return x / jnp.maximum(norm, eps)
-
-
-def encode_views(models, variables: dict, images: jax.Array):
-  """:func:`encode`, also returning the outputs of both views.
-
-  The images and their mirror images (flipped along the width of NHWC) run
-  as one batch of 2N, so the encoder is traced and compiled once.
-
-  Args:
-    models: has ``encoder`` and ``age`` Flax modules (:class:`InferenceModels`
-      or ``MTLFaceModels``).
-    variables: module name -> Flax collections, with ``encoder`` and ``age``.
-    images: [N, S, S, 3] faces in [-1, 1].
-
-  Returns:
-    (:class:`Encoding`, the encoder's outputs on the 2N views, the age
-    estimator's outputs on them); rows N..2N-1 are the mirrored views.
-  """
-  n = images.shape[0]
-  views = jnp.concatenate([images, jnp.flip(images, axis=2)], axis=0)
-  features = models.encoder.apply(variables["encoder"], views, train=False)
-  ages = models.age.apply(variables["age"], features.x_age, False)
-  embedding = features.embedding.astype(jnp.float32)
-  group_logits = ages.group_logits.astype(jnp.float32)
-  encoding = Encoding(
-      embedding=_l2_normalize(embedding[:n] + embedding[n:]),
-      age=0.5 * (ages.expected_age[:n] + ages.expected_age[n:]).astype(jnp.float32),
-      group_logits=0.5 * (group_logits[:n] + group_logits[n:]))
-  return encoding, features, ages
-
-
-def encode(models, variables: dict, images: jax.Array) -> Encoding:
-  """Flip-averaged embedding and expected age (the released model's ``encode``).
-
-  For the TPAMI model, whose embeddings are already normalised, this is its
-  ``encode``; CVPR models get the same test-time augmentation (the sum of the
-  raw embeddings, normalised). Jit it; it is pure.
-
-  Args:
-    models: has ``encoder`` and ``age`` Flax modules.
-    variables: module name -> Flax collections, with ``encoder`` and ``age``.
-    images: [N, S, S, 3] faces in [-1, 1].
-
-  Returns:
-    The :class:`Encoding`.
-  """
-  return encode_views(models, variables, images)[0]
-
-
-# --- reading variables --------------------------------------------------------
-
-def restore_variables(directory: str | Path, step: Optional[int] = None,
-                      modules: Optional[tuple[str, ...]] = None) -> tuple[dict, dict, int]:
-  """Reads only the variables of a checkpoint written by ``Checkpointer``.
-
-  Works for training checkpoints (the optimizer states are left on disk),
-  converted PyTorch checkpoints and a bundle's ``variables/``.
-
-  Args:
-    directory: the directory holding the step folders (``checkpoints/``).
-    step: which step; the latest if None.
-    modules: restore only these modules (those present); all if None.
-
-  Returns:
-    (module -> collections of NumPy arrays, the JSON meta, the step).
-
-  Raises:
-    FileNotFoundError: if ``directory`` holds no checkpoint (or not ``step``).
-    BundleError: if the checkpoint has no ``variables``.
-  """
-  directory = Path(directory).absolute()
-  if not directory.is_dir():
-    raise FileNotFoundError(f"checkpoint directory not found: {directory}")
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(create=False),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
-  try:
-    steps = manager.all_steps()
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in steps:
-      raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} in "
-                              f"{directory} (steps found: {sorted(steps)})")
-    tree = manager.item_metadata(step)["state"].tree
-    if not isinstance(tree, dict) or not isinstance(tree.get("variables"), dict):
-      raise BundleError(f"checkpoint {directory}/{step} holds no 'variables'")
-    stored = {name: value for name, value in tree["variables"].items()
-              if modules is None or name in modules}
-    # Partial restore: only the wanted subtree is read, as host NumPy arrays.
-    item = {"variables": jax.tree_util.tree_map(lambda m: np.zeros((), m.dtype), stored)}
-    restore_args = jax.tree_util.tree_map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True),
-        meta=ocp.args.JsonRestore()))
-  finally:
-    manager.close()
-  return dict(restored["state"]["variables"]), dict(restored["meta"] or {}), int(step)
-
-
-# --- exported bundles ------------------------------------------------------------
 
 def _read_json(path: Path) -> dict:
   try:
@@ -237,7 +121,7 @@ class InferenceModel:
     self._synthesize = None
     if "synthesize" in functions:
       self._synthesize = jax.jit(_deserialize(self.path / functions["synthesize"]["file"]).call)
-    variables, _, _ = restore_variables(self.path / VARIABLES_DIR)
+    variables, _, _ = checkpoint_io.restore_variables(self.path / VARIABLES_DIR)
     # On the device once; every call then passes references, not 100s of MB.
     self._variables = jax.device_put(variables)
     outputs = jax.tree_util.tree_unflatten(encode_program.out_tree, encode_program.out_avals)

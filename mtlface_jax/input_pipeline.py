@@ -1,6 +1,8 @@
 """tf.data input pipelines that yield the MTLFace batch contract.
 
-Batches are dicts of NumPy arrays (one host's share of the global batch)::
+Batches are dicts of NumPy arrays (one host's share of the global batch); the
+step's keys and dtypes are those of :mod:`mtlface_jax.batch` (the contract),
+``index`` is host-side bookkeeping::
 
   image   float32 [b, S, S, 3] in [-1, 1]   ((x / 255 - 0.5) / 0.5), RGB
   id      int32   [b]   identity, -1 unknown
@@ -45,7 +47,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtlface_jax import ages as ages_lib
-from mtlface_jax.formats.report import ParseReport
+from mtlface_jax.formats.parse_report import ParseReport
 
 try:
   # JAX owns the accelerators; TF only decodes on the CPU.
@@ -55,7 +57,7 @@ except RuntimeError:  # Devices were already initialised by the caller.
 
 AUTOTUNE = tf.data.AUTOTUNE
 _STREAM_PERMUTATION, _STREAM_FLIP, _STREAM_TARGET, _STREAM_CROP = 1, 2, 3, 4
-_MAX_AGE = ages_lib.NUM_AGE_CLASSES - 1
+_MAX_AGE = ages_lib.MAX_AGE  # Shared with evaluation (formats.lists).
 
 
 class BadExampleError(ValueError):
@@ -662,53 +664,3 @@ def _flip_and_scale(images: tf.Tensor, flip: tf.Tensor) -> tf.Tensor:
   """Horizontal flip where ``flip``; uint8 -> float32 (x / 255 - 0.5) / 0.5."""
   images = tf.where(flip[:, None, None, None], tf.reverse(images, [2]), images)
   return (tf.cast(images, tf.float32) / 255.0 - 0.5) / 0.5
-
-
-def eval_batches(source: Source, batch_size: int, *, image_size: int = 112,
-                 num_groups: int = 7, process_index: int | None = None,
-                 process_count: int | None = None
-                 ) -> Iterator[dict[str, np.ndarray]]:
-  """Every example once, in order, without flips; last batch padded.
-
-  Args:
-    source: the examples.
-    batch_size: global batch size.
-    image_size, num_groups: as in PipelineConfig.
-    process_index, process_count: host sharding (default from JAX).
-
-  Returns:
-    An iterator of batch dicts with a boolean 'mask' (False on padding).
-  """
-  config = PipelineConfig(global_batch_size=batch_size, train=False,
-                          image_size=image_size, num_groups=num_groups)
-  return iter(InputPipeline(source, config, process_index=process_index,
-                            process_count=process_count))
-
-
-def make_global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, Any]:
-  """Places one host's batch as global jax.Arrays sharded by ``sharding``.
-
-  Args:
-    batch: this host's NumPy batch.
-    sharding: e.g. ``NamedSharding(mesh, PartitionSpec('data'))``; the
-      global batch is the hosts' batches concatenated in process order.
-
-  Returns:
-    A dict of jax.Array with the global batch dimension.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  return {k: jax.make_array_from_process_local_data(sharding, v)
-          for k, v in batch.items()}
-
-
-def prefetch_to_device(batches: Iterable[dict[str, np.ndarray]], sharding,
-                       size: int = 2) -> Iterator[dict[str, Any]]:
-  """Yields global device batches, keeping ``size`` transfers in flight."""
-  queue = collections.deque()
-  iterator = iter(batches)
-  for batch in iterator:
-    queue.append(make_global_batch(batch, sharding))
-    if len(queue) >= size:
-      yield queue.popleft()
-  while queue:
-    yield queue.popleft()

@@ -35,7 +35,7 @@ import numpy as np
 from mtlface_jax.formats import images as images_lib
 from mtlface_jax.formats import lists
 from mtlface_jax.formats import recordio
-from mtlface_jax.formats import report as report_lib
+from mtlface_jax.formats import parse_report
 
 MANIFEST = "manifest.json"
 # 0-based labels of LFW's folds 6-10: never trained on, evaluated.
@@ -131,7 +131,7 @@ def lfw_faces(lfw_dir: str | os.PathLike) -> tuple[list[Face], list[str], list[l
 
 
 def utkface_faces(utkface_dir: str | os.PathLike, seed: int = 0,
-                  train_fraction: float = 0.8) -> tuple[list[Face], report_lib.ParseReport]:
+                  train_fraction: float = 0.8) -> tuple[list[Face], parse_report.ParseReport]:
   """Every UTKFace image with its age, gender and a seeded 80/20 split.
 
   Args:
@@ -362,23 +362,6 @@ class ShardSet:
     """The decoded uint8 [N, 112, 112, 3] faces at ``indices``."""
     return np.stack([images_lib.decode_image_bytes(data, self.names[i])
                      for i, data in zip(indices, self.encoded(indices))])
-
-  def train_source(self):
-    """The training split as an ``input_pipeline.Source`` of encoded faces."""
-    from mtlface_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-    train = self.select(split="train")
-    source = input_pipeline.Source(ids=self.ids[train], ages=self.ages[train],
-                                   genders=self.genders[train], encoded=self.encoded(train),
-                                   names=self.names[train])
-    source.report.num_ok = len(source)
-    return source
-
-  def face_set(self, name: str, indices: Sequence[int]):
-    """An evaluation ``FaceSet`` of the faces at ``indices`` (decoded)."""
-    from mtlface_jax.evaluation import datasets  # pylint: disable=g-import-not-at-top
-    indices = np.asarray(indices, np.int64)
-    return datasets.FaceSet(name, f"{self.root} ({name})", self.ids[indices], self.ages[indices],
-                            images=self.images(indices))
 
   def heldout_pairs(self) -> dict[str, np.ndarray]:
     """LFW's pairs of folds 6-10 as face indices: index1, index2, issame, fold."""

@@ -1384,26 +1384,3 @@ def _mismatched_pairs(ids, ages, genders, members, count, min_age_gap, rng,
           return np.array(chosen)
   raise ValueError(f'fold {fold}: could not find {count} distinct mismatched '
                    f'pairs with an age gap >= {min_age_gap}')
-
-
-def age_progression_grid(num_identities: int = 6,
-                         ages=(0, 4, 8, 14, 20, 30, 45, 60, 80),
-                         seed: int = 0) -> np.ndarray:
-  """A uint8 image: one row per random identity, one column per age.
-
-  Args:
-    num_identities: rows.
-    ages: columns.
-    seed: identities and nuisance are drawn from it.
-
-  Returns:
-    uint8 [num_identities * 112, len(ages) * 112, 3].
-  """
-  rng = np.random.default_rng(seed)
-  identities = sample_identities(num_identities, rng)
-  rows = np.repeat(np.arange(num_identities), len(ages))
-  faces = render_faces(identities.take(rows), np.tile(ages, num_identities),
-                       rng)
-  grid = faces.reshape(num_identities, len(ages), IMAGE_SIZE, IMAGE_SIZE, 3)
-  return grid.transpose(0, 2, 1, 3, 4).reshape(
-      num_identities * IMAGE_SIZE, len(ages) * IMAGE_SIZE, 3)

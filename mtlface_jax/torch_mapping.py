@@ -1,7 +1,7 @@
 """The mapping between Flax variables and PyTorch ``state_dict`` keys.
 
 Every Flax leaf of the MTLFace modules corresponds to exactly one PyTorch tensor
-(``../shared/reference/torch_layouts.json``) through one of a few layout
+(``tests/fixtures/torch_layouts.json``) through one of a few layout
 transforms, so weight conversion is mechanical:
 
 ==================  ==========================================  ===========================
@@ -11,6 +11,9 @@ transform           PyTorch tensor                              Flax leaf
 ``dense``           Linear weight [O, I]                        kernel [I, O]
 ``dense_from_1x1``  1x1 Conv2d weight [O, I, 1, 1] on a vector  Dense kernel [I, O]
 ``dense_nchw``      Linear weight [O, C*H*W] after NCHW flatten kernel [H*W*C, O] (NHWC rows)
+``modconv``         StyleGAN2 modulated weight [1, O, I, k, k]  weight [k, k, I, O]
+``nhwc``            a [1, C, H, W] tensor (constant input,      [1, H, W, C]
+                    ToRGB bias, noise buffers)
 ``copy``            bias, BN weight/bias/running stats, PReLU   same shape
 ==================  ==========================================  ===========================
 
@@ -22,6 +25,12 @@ power-iteration vectors ``u``/``v`` (collection ``spectral``) <- ``weight_u`` /
 ``weight_v`` unchanged. The task router's ``_unit_mapping`` buffers are
 constants recomputed by :func:`mtlface_jax.models.icm.router_mask`.
 
+The released TPAMI model's ageing branch (:func:`tpami_generator_entries`)
+keeps StyleGAN2's stored parameters as they are (the equalized-LR factors are
+run-time constants); its ``noises.noise_i`` buffers and ``latent_avg`` go to
+the collection ``buffers``; the blur kernels, like the routers' masks, are
+constants checked by the converter.
+
 The NHWC flatten order is our choice (it avoids a transpose of the 7x7x512 map
 every step); ``dense_nchw`` permutes the Linear rows so outputs are identical.
 """
@@ -32,6 +41,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from mtlface_jax.models import iresnet
+from mtlface_jax.models import style_encoder
+from mtlface_jax.models import stylegan2
 
 FLATTEN_HWC = (7, 7, 512)  # x_id / x_age at 112x112 input.
 
@@ -155,6 +166,105 @@ def discriminator_entries(prefix: str = "") -> list[Entry]:
   return out
 
 
+def _icm_v2(f, t, num_blocks=4) -> list[Entry]:
+  out = [*_conv(f + ("conv1",), f"{t}.conv1.0", bias=True)]
+  for i in range(num_blocks):
+    out += [*_conv(f + (f"block{i}", "conv1"), f"{t}.transform.{i}.conv1.0", bias=True),
+            *_conv(f + (f"block{i}", "conv2"), f"{t}.transform.{i}.conv2.0", bias=True)]
+  return out + [*_conv(f + ("conv2",), f"{t}.conv2.0", bias=True)]
+
+
+def _upsample_v2(f, t) -> list[Entry]:
+  return [*_conv(f + ("conv_a_conv1",), f"{t}.conv.2", bias=True),
+          *_conv(f + ("conv_a_conv2",), f"{t}.conv.5", bias=True),
+          *_conv(f + ("conv_b_conv1",), f"{t}.conv2.2", bias=True),
+          *_conv(f + ("conv_b_conv2",), f"{t}.conv2.5", bias=True),
+          *_conv(f + ("shortcut",), f"{t}.shortcut", bias=True)]
+
+
+def style_path_entries(image_size: int = 112, prefix: str = "encoder.") -> list[Entry]:
+  """Entries of :class:`~mtlface_jax.models.style_encoder.StyleEncoder` (231 minus 15 routers).
+
+  Style block j has ``int(log2 spatial)`` convs at PyTorch indices 0, 2, 4, ...
+  (spatial 7, 14 and 56 px for the coarse, middle and fine latents of a 112 px face).
+  """
+  p, f = prefix, ("style_encoder",)
+  out = []
+  for j in range(style_encoder.num_styles(image_size)):
+    divisor = (16 if j < style_encoder.COARSE_END else
+               8 if j < style_encoder.MIDDLE_END else 2)
+    convs = int(np.log2(image_size // divisor))
+    for i in range(convs):
+      out += _conv(f + (f"styles_{j}", f"conv{i}"), f"{p}styles.{j}.convs.{2 * i}", bias=True)
+    out += _conv(f + (f"styles_{j}", "linear"), f"{p}styles.{j}.linear", bias=True,
+                 transform="dense")
+  for k in (1, 2, 3):
+    out += _icm_v2(f + (f"aging{k}",), f"{p}aging{k}")
+    out += _upsample_v2(f + (f"upsample{k}",), f"{p}upsample{k}")
+  for k in (1, 2):
+    out += _conv(f + (f"latlayer{k}",), f"{p}latlayer{k}", bias=True)
+  return out
+
+
+def _modconv(f, t) -> list[Entry]:
+  return [Entry("params", f + ("weight",), f"{t}.weight", "modconv"),
+          *_conv(f + ("modulation",), f"{t}.modulation", bias=True, transform="dense")]
+
+
+def _styled_conv(f, t) -> list[Entry]:
+  return [*_modconv(f + ("conv",), f"{t}.conv"),
+          Entry("params", f + ("noise", "weight"), f"{t}.noise.weight"),
+          Entry("params", f + ("activate", "bias"), f"{t}.activate.bias")]
+
+
+def _to_rgb(f, t) -> list[Entry]:
+  return [*_modconv(f + ("conv",), f"{t}.conv"),
+          Entry("params", f + ("bias",), f"{t}.bias", "nhwc")]
+
+
+def stylegan2_decoder_entries(size: int = 128, mapping_layers: int = 8,
+                              prefix: str = "decoder.") -> list[Entry]:
+  """Entries of :class:`~mtlface_jax.models.tpami_generator.StyleGAN2Decoder`.
+
+  The released ``Decoder`` holds ``latent_avg`` and the generator under
+  ``decoder.decoder``; blur/upsample ``kernel`` buffers are not entries (they
+  are constants, see ``stylegan2_kernel_keys``).
+  """
+  p, f = prefix, ("decoder",)
+  g, s = f"{p}decoder", f + ("synthesis",)
+  out = [Entry("buffers", f + ("latent_avg",), f"{p}latent_avg")]
+  for i in range(1, mapping_layers + 1):
+    out += _conv(f + ("mapping", f"dense{i}"), f"{g}.style.{i}", bias=True, transform="dense")
+  out += [Entry("params", s + ("input", "input"), f"{g}.input.input", "nhwc"),
+          *_styled_conv(s + ("conv1",), f"{g}.conv1"), *_to_rgb(s + ("to_rgb1",), f"{g}.to_rgb1")]
+  levels = int(np.log2(size)) - 2
+  for j in range(2 * levels):
+    out += _styled_conv(s + (f"convs_{j}",), f"{g}.convs.{j}")
+  for j in range(levels):
+    out += _to_rgb(s + (f"to_rgbs_{j}",), f"{g}.to_rgbs.{j}")
+  for i in range(stylegan2.num_noise_layers(size)):
+    out.append(Entry("buffers", s + (f"noise_{i}",), f"{g}.noises.noise_{i}", "nhwc"))
+  return out
+
+
+def stylegan2_kernel_keys(size: int = 128, prefix: str = "decoder.") -> dict[str, float]:
+  """PyTorch keys of the FIR kernel buffers -> their gain (all 4 = factor ** 2)."""
+  g, levels = f"{prefix}decoder", int(np.log2(size)) - 2
+  keys = {f"{g}.convs.{2 * j}.conv.blur.kernel": 4.0 for j in range(levels)}
+  keys.update({f"{g}.to_rgbs.{j}.upsample.kernel": 4.0 for j in range(levels)})
+  return keys
+
+
+def tpami_generator_entries(image_size: int = 112, mapping_layers: int = 8) -> list[Entry]:
+  """Entries of :class:`~mtlface_jax.models.tpami_generator.TPAMIGenerator`.
+
+  The released file's ageing branch: the style path under ``encoder.`` and the
+  decoder under ``decoder.`` (keys carry these prefixes).
+  """
+  size = 2 ** int(np.ceil(np.log2(image_size)))
+  return style_path_entries(image_size) + stylegan2_decoder_entries(size, mapping_layers)
+
+
 # --- layout transforms -------------------------------------------------------
 
 def torch_to_flax(value: np.ndarray, transform: str) -> np.ndarray:
@@ -171,6 +281,10 @@ def torch_to_flax(value: np.ndarray, transform: str) -> np.ndarray:
   if transform == "dense_nchw":
     h, w, c = FLATTEN_HWC
     return value.reshape(value.shape[0], c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, -1)
+  if transform == "modconv":
+    return np.transpose(value[0], (2, 3, 1, 0))
+  if transform == "nhwc":
+    return np.transpose(value, (0, 2, 3, 1))
   raise ValueError(f"unknown transform {transform!r}")
 
 
@@ -188,6 +302,10 @@ def flax_to_torch(value: np.ndarray, transform: str) -> np.ndarray:
   if transform == "dense_nchw":
     h, w, c = FLATTEN_HWC
     return value.reshape(h, w, c, -1).transpose(3, 2, 0, 1).reshape(value.shape[-1], -1)
+  if transform == "modconv":
+    return np.transpose(value, (3, 2, 0, 1))[None]
+  if transform == "nhwc":
+    return np.transpose(value, (0, 3, 1, 2))
   raise ValueError(f"unknown transform {transform!r}")
 
 

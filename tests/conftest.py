@@ -34,11 +34,17 @@ def shared_dir() -> Path:
   return SHARED
 
 
+# The reference PyTorch layouts, vendored so their tests run on a clean clone;
+# test_fixtures.py checks the copy against ../shared/reference when present.
+TORCH_LAYOUTS = Path(__file__).resolve().parent / "fixtures" / "torch_layouts.json"
+
+
 @pytest.fixture(scope="session")
-def torch_layouts(shared_dir) -> dict:
-  """The reference PyTorch layouts (``../shared/reference/torch_layouts.json``)."""
+def torch_layouts() -> dict:
+  """The reference PyTorch layouts (``tests/fixtures/torch_layouts.json``).
+
+  Every ``state_dict`` key with its shape and each module's trainable parameter
+  count, read off the reference PyTorch modules (docs/architecture.md).
+  """
   import json  # pylint: disable=g-import-not-at-top
-  path = shared_dir / "reference" / "torch_layouts.json"
-  if not path.is_file():
-    pytest.skip(f"{path} is not present")
-  return json.loads(path.read_text())
+  return json.loads(TORCH_LAYOUTS.read_text())

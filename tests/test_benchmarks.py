@@ -1,6 +1,9 @@
 """Tests of the throughput benchmark helpers and the one-pass BatchNorm statistics."""
 
+import json
+import os
 from pathlib import Path
+import subprocess
 import sys
 
 import jax
@@ -11,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import flop_count  # pylint: disable=g-import-not-at-top
 from benchmarks import profile_summary  # pylint: disable=g-import-not-at-top
+from benchmarks import side_by_side  # pylint: disable=g-import-not-at-top
 from benchmarks import train_loop  # pylint: disable=g-import-not-at-top
 from benchmarks import train_throughput  # pylint: disable=g-import-not-at-top
 from mtlface_jax.models import layers  # pylint: disable=g-import-not-at-top
@@ -59,10 +63,10 @@ def test_dense_flops_of_one_convolution_and_matmul():
 
 
 def test_dense_flops_of_the_full_ir50_forward_is_the_published_12_6_gflop():
-  from mtlface_jax.models import mtlface  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.models import spec as spec_lib  # pylint: disable=g-import-not-at-top
   config = train_throughput.build_config("infer", 1, "full", "bfloat16")
-  encoder = mtlface.build_models(config).encoder
-  _, variables_fn = train_throughput._inference_fns(config)  # pylint: disable=protected-access
+  encoder = spec_lib.build_from_config(config).encoder
+  _, variables_fn = train_throughput.inference_fns(config)
   variables = jax.eval_shape(variables_fn, jax.random.PRNGKey(0))
   image = jax.ShapeDtypeStruct((1, 112, 112, 3), jnp.float32)
   jaxpr = jax.make_jaxpr(lambda v, x: encoder.apply(v, x, train=False))(variables, image)
@@ -132,3 +136,66 @@ def test_train_loop_benchmark_runs_the_tiny_config(tmp_path):
   assert 0 <= result["loop_input_wait_fraction"] < 1
   assert {"jax", "jaxlib", "flax", "device", "backend"} <= set(result["environment"])
   assert (tmp_path / "run" / "metrics.jsonl").is_file()  # the real loop ran
+
+
+def _run(framework, task, batch, rate, config=None, digest="d0"):
+  run = {"framework": framework, "task": task, "batch": batch, "images_per_s": rate,
+         "batch_digest": digest}
+  return {**run, "config": config} if config else run
+
+
+def test_side_by_side_compares_jax_with_the_best_torch_configuration():
+  runs = [_run("jax", "aifr", 256, 9000.0), _run("torch", "aifr", 256, 2000.0, "amp_eager"),
+          _run("torch", "aifr", 256, 4000.0, "channels_last"),
+          {"framework": "torch", "task": "aifr", "batch": 256, "config": "channels_last_compile",
+           "error": "RuntimeError: boom"},
+          _run("jax", "fas", 128, 4100.0), _run("torch", "fas", 128, 1000.0, "amp_eager", "d1")]
+  table = side_by_side.compare(runs)
+  aifr = table["aifr:256"]
+  assert aifr["best_torch_config"] == "channels_last" and aifr["best_torch_images_per_s"] == 4000
+  assert aifr["ratio_to_best_torch"] == 2.25
+  assert aifr["ratio_to_each_torch"] == {"amp_eager": 4.5, "channels_last": 2.25}
+  assert aifr["same_batches"] is True and table["fas:128"]["same_batches"] is False
+  judged = side_by_side.targets(table, tiny=False)
+  assert judged["aifr:256"]["met"] is False  # 9,000 < 10,000 and 2.25 < 2.5
+  assert judged["fas:128"]["met"] is True  # 4,100 >= 4,000 and 4.1 >= 4
+  assert side_by_side.targets(table, tiny=True)["fas:128"]["met"] == "not judged (--tiny)"
+
+
+def test_side_by_side_plan_orders_children_and_groups_them():
+  args = side_by_side.parse_args(["--runs", "aifr:256,fas:128", "--torch_configs",
+                                  "amp_eager,channels_last"])
+  children = side_by_side.plan(args)
+  assert [[(s["framework"], s["task"], s.get("config")) for s in c] for c in children] == [
+      [("jax", "aifr", None)], [("torch", "aifr", "amp_eager"), ("torch", "aifr", "channels_last")],
+      [("jax", "fas", None)], [("torch", "fas", "amp_eager"), ("torch", "fas", "channels_last")]]
+  assert args.steps == 20 and args.group == "run"
+  tiny = side_by_side.parse_args(["--tiny"])
+  assert len(side_by_side.plan(tiny)) == 2 and tiny.runs == side_by_side.TINY_RUNS
+
+
+def test_device_check_dry_run_writes_one_side_by_side_json(tmp_path):
+  """The GPU script's own path with tiny shapes on the CPU: JAX and PyTorch, same batches."""
+  env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+  script = Path(__file__).resolve().parents[1] / "benchmarks" / "device_check.sh"
+  proc = subprocess.run(["bash", str(script), "--dry-run"], env=env, capture_output=True,
+                        text=True, timeout=1800, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  doc = json.loads((tmp_path / "side_by_side.json").read_text())
+  assert doc["finished"] and doc["tiny"] and doc["schema"] == "mtlface_jax.side_by_side/1"
+  for key in ("jax", "jaxlib", "flax", "optax", "torch", "python"):
+    assert doc["environment"][key], key
+  runs = {(r["framework"], r["task"], r.get("config")): r for r in doc["runs"]}
+  assert set(runs) == {(f, t, c) for t in ("aifr", "fas", "infer")
+                       for f, c in (("jax", None), ("torch", "amp_eager"),
+                                    ("torch", "channels_last"))}
+  for run in runs.values():
+    assert "error" not in run, run
+    assert run["images_per_s"] > 0 and run["ms_per_step"] > 0 and run["peak_memory_gib"] > 0
+    # images/s is rounded to 2 decimals: tiny CPU runs make well under 1 image/s.
+    assert run["images_per_s"] == pytest.approx(2 / run["ms_per_step"] * 1e3, rel=1e-3, abs=0.006)
+  for task in ("aifr", "fas", "infer"):
+    row = doc["comparison"][f"{task}:2"]
+    assert row["same_batches"] is True  # one digest for the JAX and both PyTorch runs
+    best = row["best_torch_images_per_s"]
+    assert row["ratio_to_best_torch"] == pytest.approx(row["jax_images_per_s"] / best, rel=1e-2)

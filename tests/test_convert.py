@@ -13,7 +13,7 @@ import pytest
 from mtlface_jax import convert
 from mtlface_jax import torch_mapping as tm
 from mtlface_jax.models import icm
-from mtlface_jax.training import checkpoint
+from mtlface_jax import checkpoint_io
 
 GROUPS = 7
 
@@ -94,6 +94,9 @@ def test_unexpected_keys_tolerated_on_request(small_modules):
   conversion = convert.convert_cvpr({"head": head}, allow_unexpected=True)
   assert conversion.report.unexpected == ["head: bias"]
   assert "unexpected keys (1): head: bias" in conversion.report.summary()
+  assert conversion.report.summary().endswith(
+      "2 tensors read: 1 converted, 0 constant buffers checked, "
+      "0 BatchNorm counters (num_batches_tracked) not needed; 1 skipped")
 
 
 def _zeros_state_dict(spec):
@@ -122,13 +125,18 @@ def test_tpami_requires_encoder_and_checks_expectation(small_modules):
   released = {f"age_estimator.{k}": v for k, v in state_dicts["age"].items()}
   released["age_estimator.expectation"] = np.arange(101, dtype=np.float32) + 1
   released["decoder.latent_avg"] = np.zeros((1, 1, 512), np.float32)
+  released["encoder.aging2.router._unit_mapping"] = np.zeros((7, 400), np.float32)
   with pytest.raises(convert.ConversionError) as error:
     convert.convert_tpami(released, "released.pth")
   message = str(error.value)
   assert "missing: released.pth: encoder.input_layer.0.weight" in message
   assert "encoder.fsm.channel.0.weight" in message
   assert "unexpected value: released.pth: age_estimator.expectation" in message
-  assert "decoder.latent_avg" not in message  # Known and skipped, not an error.
+  # Part of the ageing branch means all of it is expected: the rest is named.
+  assert "missing: released.pth: decoder.decoder.noises.noise_10" in message
+  assert "missing: released.pth: encoder.styles.11.linear.weight" in message
+  assert "unexpected value: released.pth: encoder.aging2.router._unit_mapping" in message
+  assert "decoder.latent_avg" not in message  # Present and of the right shape.
 
 
 def test_infer_num_layers_and_groups():
@@ -157,12 +165,9 @@ def test_saved_checkpoint_restores(small_modules, tmp_path):
   _, state_dicts = small_modules
   conversion = convert.convert_cvpr(state_dicts)
   output = convert.save_conversion(conversion, tmp_path / "converted")
-  saver = checkpoint.Checkpointer(output, async_save=False)
-  try:
-    assert_trees_equal(saver.restore_raw()["variables"], conversion.variables)
-    assert saver.restore_meta()["num_classes"] == 11
-  finally:
-    saver.close()
+  state, meta, _ = checkpoint_io.restore_state(output)
+  assert_trees_equal(state["variables"], conversion.variables)
+  assert checkpoint_io.read_meta(output)[0]["num_classes"] == 11 == meta["num_classes"]
   with pytest.raises(FileExistsError):
     convert.save_conversion(conversion, output)
 
@@ -250,9 +255,5 @@ def test_cli_converts_and_reports(torch_module, tmp_path, capsys):
                          "--output", str(output), "--reader", "zip"])
   assert status == 0
   assert "converted head: 1 tensors" in capsys.readouterr().out
-  saver = checkpoint.Checkpointer(output, async_save=False)
-  try:
-    kernel = saver.restore_raw()["variables"]["head"]["params"]["kernel"]
-  finally:
-    saver.close()
+  kernel = checkpoint_io.restore_state(output)[0]["variables"]["head"]["params"]["kernel"]
   np.testing.assert_array_equal(np.asarray(kernel), head.weight.detach().numpy().T)

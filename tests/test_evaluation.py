@@ -10,15 +10,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mtlface_jax import predict
 from mtlface_jax.evaluation import age as age_lib
+from mtlface_jax.evaluation import datasets
 from mtlface_jax.evaluation import fas as fas_lib
 from mtlface_jax.evaluation import identification as id_lib
+from mtlface_jax.evaluation import protocols
 from mtlface_jax.evaluation import report as report_lib
 from mtlface_jax.evaluation import runner
 from mtlface_jax.evaluation import verification as ver_lib
 from mtlface_jax.formats import binset
 from mtlface_jax.formats import images as images_lib
 from mtlface_jax.formats import lists
+from mtlface_jax.models import heads
 
 
 def pairs_with_scores(scores):
@@ -294,7 +298,9 @@ def test_age_metrics_errors_and_expected_age():
   logits = np.full((2, 101), -1e9)
   logits[0, 30] = 0.0
   logits[1, [20, 40]] = 0.0
-  np.testing.assert_allclose(age_lib.expected_age(logits), [30.0, 30.0])
+  # The one DEX expectation is the model's (evaluation reads it off the model).
+  np.testing.assert_allclose(heads.expected_age(jnp.asarray(logits, jnp.float32)), [30.0, 30.0],
+                             rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- #
@@ -387,23 +393,23 @@ def test_extract_embeddings_pads_and_compiles_once():
     return batch.sum(axis=(1, 2)), batch[:, 0, 0, 0]
 
   images = np.arange(10 * 2 * 2 * 3, dtype=np.float32).reshape(10, 2, 2, 3)
-  sums, corners = report_lib.extract_embeddings(embed, images, batch_size=4, progress=False)
+  sums, corners = runner.extract_embeddings(embed, images, batch_size=4, progress=False)
   assert traces == [(4, 2, 2, 3)]
   np.testing.assert_allclose(sums, images.sum(axis=(1, 2)))
   np.testing.assert_allclose(corners, images[:, 0, 0, 0])
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  sharded, _ = report_lib.extract_embeddings(embed, iter(images), 4, sharding=sharding,
+  sharded, _ = runner.extract_embeddings(embed, iter(images), 4, sharding=sharding,
                                              progress=False)
   np.testing.assert_allclose(sharded, sums)
 
 
 def test_extract_embeddings_bad_input():
   with pytest.raises(ValueError, match="image 2 has shape"):
-    report_lib.extract_embeddings(lambda x: x, [np.zeros((2, 2, 3))] * 2 + [np.zeros((3, 2, 3))],
+    runner.extract_embeddings(lambda x: x, [np.zeros((2, 2, 3))] * 2 + [np.zeros((3, 2, 3))],
                                   2, progress=False)
   with pytest.raises(ValueError, match="no images"):
-    report_lib.extract_embeddings(lambda x: x, [], 2, progress=False)
+    runner.extract_embeddings(lambda x: x, [], 2, progress=False)
 
 
 def test_extract_embeddings_data_parallel_over_devices():
@@ -419,7 +425,7 @@ def test_extract_embeddings_data_parallel_over_devices():
     return mean(batch)
 
   images = np.random.default_rng(0).normal(size=(11, 4, 4, 3)).astype(np.float32)
-  out = report_lib.extract_embeddings(embed, images, num_devices + 1, sharding=sharding,
+  out = runner.extract_embeddings(embed, images, num_devices + 1, sharding=sharding,
                                       progress=False)
   np.testing.assert_allclose(out, images.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
   padded = 2 * num_devices if num_devices > 1 else 2
@@ -427,12 +433,26 @@ def test_extract_embeddings_data_parallel_over_devices():
 
 
 def test_flip_sum_embeddings_known_answer():
+  # predict.embed: the embedding of each image plus its mirror's, L2-normalised.
   images = np.zeros((1, 2, 3, 1), np.float32)
   images[0, 0, :, 0] = [1.0, 2.0, 5.0]
-  first_row = lambda batch: batch[:, 0, :, 0]
-  np.testing.assert_allclose(report_lib.flip_sum_embeddings(first_row, images), [[6, 4, 6]])
-  summed = report_lib.flip_sum_embeddings(jax.jit(first_row), jnp.asarray(images))
-  np.testing.assert_allclose(summed, [[6, 4, 6]])
+  first_row = FirstRow()
+  expected = np.array([[6, 4, 6]]) / np.linalg.norm([6, 4, 6])
+  np.testing.assert_allclose(predict.embed(first_row, {}, images), expected, rtol=1e-6)
+  summed = jax.jit(lambda x: predict.embed(first_row, {}, x))(jnp.asarray(images))
+  np.testing.assert_allclose(summed, expected, rtol=1e-6)
+  unflipped = predict.embed(first_row, {}, images, flip=False)
+  np.testing.assert_allclose(unflipped, np.array([[1, 2, 5]]) / np.linalg.norm([1, 2, 5]),
+                             rtol=1e-6)
+
+
+class FirstRow(nn.Module):
+  """Parameter-free "encoder": the first pixel row's first channel."""
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    del train
+    return EmbeddingOnly(images[:, 0, :, 0])
 
 
 # --------------------------------------------------------------------------- #
@@ -488,16 +508,16 @@ def test_runner_pair_list_and_bin_agree_with_direct_scoring(tmp_path):
   (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
   binset.write_bin(tmp_path / "set.bin", encoded, [id1 == id2 for id1, _, id2, _, _ in pair_plan()])
   pairs, _ = lists.parse_pair_list(tmp_path / "pairs.txt")
-  embed_fn = runner.make_embed_fn(PooledPixels(), {}, flip=True,
-                                  sharding=runner.data_parallel_sharding())
-  from_list = runner.verify_pair_list(embed_fn, pairs, batch_size=3, progress=False,
-                                      sharding=runner.data_parallel_sharding())
-  from_bin = runner.verify_bin(embed_fn, tmp_path / "set.bin", batch_size=5, num_folds=2,
-                               progress=False)
+  embed_fn = runner.embed_fn(PooledPixels(), {}, flip=True,
+                             sharding=runner.data_parallel_sharding())
+  from_list = protocols.score_pair_list(embed_fn, pairs, batch_size=3, progress=False,
+                                        sharding=runner.data_parallel_sharding())
+  from_bin = protocols.score_bin(embed_fn, tmp_path / "set.bin", batch_size=5, num_folds=2,
+                                 progress=False)
   assert from_list.accuracy_mean == 1.0 and from_list.fold_labels == [0, 1]
   # Direct: flip-sum of the pooled pixels of each decoded image.
   def direct(path):
-    x = runner.to_model_input(images_lib.load_image(path))[None]
+    x = datasets.to_model_input(images_lib.load_image(path))[None]
     pooled = lambda im: PooledPixels().apply({}, im).embedding
     return np.asarray(pooled(x) + pooled(x[:, :, ::-1]))[0]
   first = np.stack([direct(p.path1) for p in pairs])
@@ -508,10 +528,12 @@ def test_runner_pair_list_and_bin_agree_with_direct_scoring(tmp_path):
     assert got.fold_accuracies == expected.fold_accuracies
     np.testing.assert_allclose(got.fold_thresholds, expected.fold_thresholds, atol=1e-5)
     assert got.auc == pytest.approx(expected.auc)
-  written = runner.write_verification_report({"list": from_list, "bin": from_bin},
-                                             tmp_path / "out", extra={"checkpoint": "none"})
+  report = report_lib.new_report("verification", {"checkpoint": "none"}, {})
+  report_lib.add_result(report, "verification", "list", from_list)
+  report_lib.add_result(report, "verification", "bin", from_bin)
+  written = report_lib.write_report(report, tmp_path / "out")
   loaded = report_lib.read_json_report(written["json"])
-  assert loaded["checkpoint"] == "none"
+  assert loaded["checkpoint"]["checkpoint"] == "none"
   assert loaded["verification"]["bin"]["num_pairs"] == 8
   assert "list" in open(written["table"], encoding="utf-8").read()
 
@@ -525,4 +547,4 @@ def test_runner_missing_image_names_file_and_line(tmp_path):
                                       "Person_1 1 3\nPerson_0 1 Person_1 1\n")
   pairs, _ = lists.parse_lfw_pairs(tmp_path / "pairs.txt", root)
   with pytest.raises(FileNotFoundError, match=r"Person_1_0003.jpg \(pair at .*pairs.txt:4\)"):
-    runner.verify_pair_list(runner.make_embed_fn(PooledPixels(), {}), pairs, progress=False)
+    protocols.score_pair_list(runner.embed_fn(PooledPixels(), {}), pairs, progress=False)

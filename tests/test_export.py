@@ -5,6 +5,7 @@ a generator) is exported once per module, the in-process reference runs as
 one jitted program, and the fresh process compiles each exported program once.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,10 +21,11 @@ import pytest
 from configs import tiny
 from mtlface_jax import convert
 from mtlface_jax import export
+from mtlface_jax import checkpoint_io
 from mtlface_jax import inference
-from mtlface_jax import synthesis
+from mtlface_jax import predict
 from mtlface_jax.models import heads
-from mtlface_jax.models import mtlface
+from mtlface_jax.models import spec as spec_lib
 from mtlface_jax.training import checkpoint
 from mtlface_jax.training import optim
 from mtlface_jax.training import state as state_lib
@@ -66,7 +68,7 @@ def trained(tmp_path_factory):
   """
   config = tiny.get_config()
   config.train_fas = True
-  models = mtlface.build_models(config)
+  models = spec_lib.build_from_config(config)
   txs = optim.optimizers_from_config(config)
   abstract = jax.eval_shape(lambda rng: state_lib.init_state(
       state_lib.init_variables(models, config, rng), config, *txs), jax.random.PRNGKey(0))
@@ -103,11 +105,11 @@ def reference(trained):
 
   @jax.jit
   def run(variables, images, groups):
-    encoding = inference.encode(models, variables, images)
+    encoding = predict.encode(models, variables, images)
     embed = lambda x: models.encoder.apply(variables["encoder"], x, train=False).embedding
     # Written out independently of encode: the mirror image is the width flip.
     by_hand = heads.l2_normalize(embed(images) + embed(images[:, :, ::-1, :]))
-    aged = synthesis.synthesize(models, variables, images, groups)
+    aged = predict.synthesize(models, variables, images, groups)
     return encoding, by_hand, aged
 
   encoding, by_hand, aged = jax.device_get(run(variables, images, GROUPS))
@@ -186,11 +188,7 @@ def test_bundle_holds_inference_variables_only(bundle, trained):
   assert manifest["source"]["kind"] == "training" and manifest["source"]["step"] == 3
   assert json.loads((bundle / inference.CONFIG_FILE).read_text()) == json.loads(
       trained["config"].to_json())
-  saver = checkpoint.Checkpointer(bundle / inference.VARIABLES_DIR, async_save=False)
-  try:
-    state = saver.restore_raw()
-  finally:
-    saver.close()
+  state, _, _ = checkpoint_io.restore_state(bundle / inference.VARIABLES_DIR)
   assert sorted(state) == ["variables"]  # No optimizer states.
   assert sorted(state["variables"]) == ["age", "encoder", "generator"]
   for path, value in jax.tree_util.tree_leaves_with_path(state["variables"]):
@@ -282,17 +280,17 @@ def test_export_errors(trained, bundle, tmp_path, capsys):
     export.export_bundle(tmp_path / "encoder_only", tmp_path / "out")
   # Variables that do not fit the described model are named, not mis-run.
   variables, spec, _ = export.read_checkpoint(trained["workdir"])
-  spec["encoder"]["depths"] = [8, 8, 16, 32]
+  spec = dataclasses.replace(spec, encoder={**spec.encoder, "depths": [8, 8, 16, 32]})
   with pytest.raises(export.ExportError, match="block4_0/conv1"):
-    export.export_programs(export.build_inference_models(spec), variables, 48, ("cpu",))
+    export.export_programs(spec_lib.build(spec), variables, 48, ("cpu",))
 
 
 def test_model_spec_of_converted_checkpoints():
   tpami = {"converted_from": "pytorch", "layout": "tpami", "age_group": 7, "num_layers": 50,
            "attention_version": 2, "dropout_rate": 0.4, "normalize_embedding": True}
   spec = export.model_spec(tpami, ["age", "encoder"])
-  assert spec["image_size"] == 112 and spec["generator"] is None
-  models = export.build_inference_models(spec)
+  assert spec.image_size == 112 and spec.generator is None
+  models = spec_lib.build(spec)
   released = convert.encoder_spec(50, released=True).module
   for field in ("num_layers", "attention_version", "dropout_rate", "normalize_embedding",
                 "units", "depths"):
@@ -300,7 +298,35 @@ def test_model_spec_of_converted_checkpoints():
   assert models.generator is None
   cvpr = dict(tpami, layout="cvpr", attention_version=1, dropout_rate=0.5,
               normalize_embedding=False)
-  models = export.build_inference_models(export.model_spec(cvpr, ["age", "encoder", "generator"]))
+  models = spec_lib.build(export.model_spec(cvpr, ["age", "encoder", "generator"]))
   assert models.generator == convert.generator_spec(7).module
   with pytest.raises(export.ExportError, match="cannot tell which model"):
     export.model_spec({"step": 3}, ["encoder"])
+
+
+def test_eval_cli_recipe_and_bundle_agree_on_ages(trained, bundle, tmp_path):
+  """One encoder for every consumer: eval.py's age protocol, the recipes' held-out
+  evaluation and an exported bundle give the same ages for one checkpoint."""
+  from mtlface_jax import synthetic  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.evaluation import cli  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.evaluation import datasets  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.recipes import heldout  # pylint: disable=g-import-not-at-top
+  flags = {"synthetic_identities": 12, "synthetic_images_per_identity": 4,
+           "synthetic_test_fraction": 0.5, "synthetic_num_folds": 2,
+           "synthetic_pairs_per_fold": 2}
+  data = synthetic.make_dataset(12, 4, seed=0, test_fraction=0.5, num_folds=2,
+                                pairs_per_fold=2)
+  workdir = str(trained["workdir"])
+  from_cli = cli.run(cli.EvalOptions(checkpoint=workdir, protocol="age", synthetic=True,
+                                     output_dir=str(tmp_path / "cli"), batch_size=8,
+                                     progress=False, **flags))
+  from_recipe = heldout.evaluate_synthetic(workdir, data=data, output_dir=tmp_path / "recipe",
+                                           batch_size=8, num_fas_inputs=0)
+  faces = np.stack(list(datasets.array_faces(data.test.images, 48)))
+  bundle_ages = inference.load(bundle).age(faces)
+  in_process = runner.ModelRunner(predict.load(workdir), batch_size=8, progress=False)
+  np.testing.assert_allclose(in_process.estimate_ages(faces)["age"], bundle_ages, atol=1e-5)
+  bundle_mae = float(np.mean(np.abs(bundle_ages - data.test.ages)))
+  assert from_cli["age"]["synthetic_test"].mae == pytest.approx(bundle_mae, abs=1e-5)
+  assert from_recipe["summary"]["age_mae"] == pytest.approx(bundle_mae, abs=1e-5)

@@ -12,7 +12,7 @@ from mtlface_jax import losses
 from mtlface_jax.models import discriminator as disc_lib
 from mtlface_jax.training import augment
 from mtlface_jax.training import loop
-from tests import training_utils
+from mtlface_jax import batch as batch_lib
 
 
 def test_classifier_discriminator_has_a_logit_per_group_and_for_fakes():
@@ -77,7 +77,7 @@ def test_fas_runs_with_every_departure(tmp_path):
   config.fas_d_augment = "translation,cutout"
   config.fas_rec_loss_weight = 10.0
   config.fas_gan_loss_weight = 1.0
-  summary = loop.train(config, tmp_path, batches_fn=training_utils.fake_batches)
+  summary = loop.train(config, tmp_path, batches_fn=batch_lib.fake_batches)
   assert summary["step"] == 3 and summary["nonfinite_total"] == 0
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert all(np.isfinite(r["fas/g_loss"]) and np.isfinite(r["fas/g_rec"]) for r in records)

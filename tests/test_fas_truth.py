@@ -201,3 +201,24 @@ def test_grid_with_truth_rows(tmp_path):
   with pytest.raises(ValueError, match="truth"):
     fas_lib.save_age_progression_grid(inputs, synthesized, tmp_path / "x.png",
                                       truth=truth[:, :2])
+
+
+class _Unchanged:
+  """A stand-in model runner whose 'synthesis' returns the input at every group."""
+  image_size, num_groups = 48, 7
+
+  def synthesize(self, images):
+    return np.repeat(np.asarray(images)[:, None], self.num_groups, axis=1)
+
+  def embed(self, images):
+    return np.asarray(images).reshape(len(images), -1)[:, :16] + 2.0
+
+
+def test_evaluate_truth_protocol(dataset, tmp_path):
+  outcome = synthetic_truth.evaluate_truth(_Unchanged(), dataset.test, tmp_path,
+                                           num_inputs=6, grid_rows=3)
+  result = outcome["result"]
+  assert result.num_inputs == 6 and result.truth_gain_region == pytest.approx(0.0)
+  assert result.identity_to_truth == pytest.approx(result.identity_input_to_truth)
+  grid = np.asarray(Image.open(outcome["grid"]))
+  assert grid.shape == (fas_lib.HEADER_HEIGHT + 2 * 3 * 48, 8 * 48, 3)

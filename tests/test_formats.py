@@ -12,7 +12,7 @@ from mtlface_jax.formats import binset
 from mtlface_jax.formats import images
 from mtlface_jax.formats import lists
 from mtlface_jax.formats import recordio
-from mtlface_jax.formats import report as report_lib
+from mtlface_jax.formats import parse_report
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -125,7 +125,7 @@ def test_unreadable_records_name_file_and_index(rec_file):
       reader.read_image(4)
     with pytest.raises(KeyError, match="no record with index 42"):
       reader.read(42)
-    report = report_lib.ParseReport()
+    report = parse_report.ParseReport()
     got = list(recordio.iter_images(reader, skip_bad_examples=True,
                                     report=report))
     assert [index for index, _, _ in got] == [1, 2, 5, 6]
@@ -431,7 +431,7 @@ def test_image_decoding_errors_and_conversions(tmp_path):
   Image.fromarray(_image(1, 8)).convert("RGBA").save(tmp_path / "a.png")
   np.testing.assert_array_equal(images.load_image(tmp_path / "a.png"),
                                 _image(1, 8))
-  report = report_lib.ParseReport()
+  report = parse_report.ParseReport()
   assert images.load_image_or_skip(tmp_path / "cut.jpg", report) is None
   assert images.load_image_or_skip(tmp_path / "ok.jpg", report) is not None
   assert report.num_ok == 1 and report.num_skipped == 1

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from mtlface_jax import real_data
+from mtlface_jax import data_sources
 from mtlface_jax.formats import lists
 
 # Fake LFW: folds k = 0..9 use people P{2k} (2 images, the matched pair) and
@@ -94,7 +95,7 @@ def test_pieces_sources_and_pairs(shards_dir):
   files = [shards_dir / s["file"] for s in shards.manifest["shards"]]
   assert len(files) > 3 and all(f.is_file() for f in files)
   assert len({f.parent for f in files}) == len(files)  # one shard per folder
-  source = shards.train_source()
+  source = data_sources.shard_train_source(shards)
   assert len(source) == 31 and source.kind == "encoded"
   assert sorted(set(source.ids.tolist())) == [-1] + list(range(14))
   images = shards.images(shards.select("utkface", "heldout"))
@@ -139,14 +140,14 @@ def test_recipe_end_to_end_on_a_tiny_model(shards_dir, tmp_path):
   """Shards -> AIFR -> FAS -> held-out report, with the tiny test model."""
   from configs import real_lfw_utkface
   from configs import tiny
-  from mtlface_jax import real_recipe
+  from mtlface_jax.recipes import lfw_utkface as real_recipe
   config = real_lfw_utkface.get_config("cpu")
   small = tiny.get_config()
   for key in ("dtype", "image_size", "batch_size"):
     config[key] = small[key]
   config.model.update(small.model)
   config.model.num_classes = 14
-  config.data.shards_dir = str(shards_dir)
+  config.data.face_shards.dir = str(shards_dir)
   config.num_iter, config.fas_num_iter = 2, 1
   config.optim.warmup, config.optim.milestone = 1, (1, 2)
   config.log_every, config.checkpoint_every = 1, 2

@@ -7,6 +7,7 @@ import pytest
 
 from mtlface_jax import torch_mapping as tm
 from mtlface_jax.models import AgeEstimator, CosFace, Encoder, Generator, PatchDiscriminator
+from mtlface_jax.models import TPAMIGenerator
 
 KEY = jax.random.PRNGKey(0)
 IMAGES = jax.ShapeDtypeStruct((2, 112, 112, 3), jnp.float32)
@@ -61,6 +62,21 @@ def test_tpami_encoder_mapping(torch_layouts):
   _check(_init(tpami, IMAGES), tm.encoder_entries(50), subset)
 
 
+def test_tpami_style_path_mapping(torch_layouts):
+  """The released encoder's style path (231 tensors, 27 of them router constants)."""
+  layout = torch_layouts["tpami2022_released"]["encoder"]
+  style_prefixes = ("styles.", "aging", "upsample", "latlayer")
+  rows = [row for row in layout["state_dict"] if row[0].startswith(style_prefixes)]
+  assert len(rows) == 231
+  subset = {"state_dict": rows}
+  generator = _init(TPAMIGenerator(), IMAGES, FEATURE(56, 56, 64), FEATURE(28, 28, 128),
+                    FEATURE(14, 14, 256), FEATURE(7, 7, 512), GROUPS)
+  style_vars = {"params": generator["params"]["style_encoder"]}
+  entries = [tm.Entry(e.collection, e.flax_path[1:], e.torch_key[len("encoder."):], e.transform)
+             for e in tm.style_path_entries()]
+  _check(style_vars, entries, subset)
+
+
 def test_dense_nchw_round_trip_and_semantics():
   rng = np.random.RandomState(0)
   torch_w = rng.randn(4, 7 * 7 * 512).astype(np.float32)
@@ -72,7 +88,8 @@ def test_dense_nchw_round_trip_and_semantics():
 
 
 @pytest.mark.parametrize("transform,shape", [("conv", (8, 3, 3, 3)), ("dense", (5, 4)),
-                                             ("dense_from_1x1", (6, 9, 1, 1)), ("copy", (3,))])
+                                             ("dense_from_1x1", (6, 9, 1, 1)), ("copy", (3,)),
+                                             ("modconv", (1, 8, 5, 3, 3)), ("nhwc", (1, 7, 4, 4))])
 def test_transforms_round_trip(transform, shape):
   value = np.random.RandomState(1).randn(*shape).astype(np.float32)
   np.testing.assert_array_equal(tm.flax_to_torch(tm.torch_to_flax(value, transform), transform), value)

@@ -24,7 +24,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from mtlface_jax import convert  # noqa: E402
-from mtlface_jax import inference  # noqa: E402
+from mtlface_jax import predict  # noqa: E402
+from mtlface_jax.models import spec as spec_lib  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from torch_reference import mtlface_torch as ref  # noqa: E402
@@ -122,7 +123,8 @@ def _apply(conversion, name, spec, *inputs):
 
 def test_cvpr_conversion_meta(cvpr):
   meta = cvpr["conversion"].meta
-  assert meta["backbone"] == "ir50" and meta["attention_version"] == 1
+  encoder = meta["model"]["encoder"]
+  assert encoder["num_layers"] == 50 and encoder["attention_version"] == 1
   assert meta["num_classes"] == NUM_CLASSES and meta["age_group"] == AGE_GROUPS
   assert sorted(cvpr["conversion"].variables) == [
       "age", "discriminator", "encoder", "generator", "head"]
@@ -179,21 +181,15 @@ def test_discriminator_parity(cvpr):
   assert_parity(out, cvpr["torch"]["scores"], "discriminator scores")
 
 
-# Stand-ins for the released file's StyleGAN2 branch, which is not converted.
-UNSUPPORTED_EXTRAS = {"decoder.latent_avg": (1, 1, 512),
-                      "decoder.decoder.style.1.weight": (512, 512),
-                      "encoder.styles.0.linear.weight": (512, 512),
-                      "encoder.aging1.router._unit_mapping": (7, 800)}
-
-
 @pytest.fixture(scope="module")
 def tpami(tmp_path_factory):
+  """The released recognition + age path. (The ageing branch, converted into
+  ``generator``, is checked against its own reference in ``test_tpami.py``.)"""
   torch.manual_seed(0)
   image = _random_images(2, seed=3)
   model = ref.randomize_(ref.TPAMIRecognitionModel(AGE_GROUPS), seed=11)
   ref.calibrate_batchnorm_(model, image)
   state = dict(model.state_dict())
-  state.update({key: torch.zeros(shape) for key, shape in UNSUPPORTED_EXTRAS.items()})
   path = tmp_path_factory.mktemp("tpami") / "mtlface_tpami.pth"
   torch.save(state, path)
   conversion = convert.convert_tpami(convert.read_state_dict(path), str(path))
@@ -204,23 +200,23 @@ def tpami(tmp_path_factory):
               encoded=encoded)
 
 
-def test_tpami_reports_unsupported_branch(tpami):
+def test_tpami_file_without_ageing_branch_converts_recognition_only(tpami):
   report = tpami["conversion"].report
-  assert sorted(report.unsupported) == sorted(UNSUPPORTED_EXTRAS)
-  assert "NOT SUPPORTED" in report.summary() and "decoder.*" in report.summary()
+  assert convert.TPAMI_NO_AGEING_NOTE in report.summary() and "; 0 skipped" in report.summary()
   assert sorted(tpami["conversion"].variables) == ["age", "encoder"]
-  assert tpami["conversion"].meta["attention_version"] == 2
+  model = tpami["conversion"].meta["model"]
+  assert model["encoder"]["attention_version"] == 2 and model["family"] == "tpami"
+  assert model["generator"] is None
 
 
 def test_tpami_encoder_and_age_parity(tpami):
   variables = tpami["conversion"].variables
-  models = inference.InferenceModels(convert.encoder_spec(50, released=True).module,
-                                     convert.age_spec("age", AGE_GROUPS, released=True).module)
+  models = spec_lib.build(spec_lib.from_meta(tpami["conversion"].meta))
   image = jnp.asarray(nhwc(tpami["image"]))
   # The released flip-averaged encode, which also returns the outputs of both
   # views (the images and their mirror images in one batch: one compilation).
   # The weights are arguments, not closure constants, which XLA would fold.
-  encoded, out, age = jax.jit(functools.partial(inference.encode_views, models))(
+  encoded, out, age = jax.jit(functools.partial(predict.encode_views, models))(
       variables, image)
   plain = jax.tree_util.tree_map(lambda x: x[:2], out)
   for name in ("embedding", "x_id", "x_age", "x5"):

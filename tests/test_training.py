@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from mtlface_jax.training import checkpoint as checkpoint_lib
+from mtlface_jax import batch as batch_lib
+from mtlface_jax import checkpoint_io
 from mtlface_jax.training import loop
 from mtlface_jax.training import optim
-from tests import training_utils
 
 
 def _config(**overrides):
@@ -25,7 +25,7 @@ def _config(**overrides):
 
 
 def _params(workdir):
-  raw = checkpoint_lib.Checkpointer(workdir / "checkpoints", async_save=False).restore_raw()
+  raw, _, _ = checkpoint_io.restore_state(workdir / "checkpoints")
   return raw["variables"], raw
 
 
@@ -63,7 +63,7 @@ def test_steps_run_and_loss_falls_on_a_fixed_batch(tmp_path, fr, fas):
   config = _config(train_fr=fr, train_fas=fas, num_iter=8, checkpoint_every=100, log_every=1)
   config.optim.warmup = 1
   config.optim.lr = 0.05
-  batches = functools.partial(training_utils.fake_batches, fixed=True)
+  batches = functools.partial(batch_lib.fake_batches, fixed=True)
   first = {}
 
   def record(config, start):
@@ -83,10 +83,10 @@ def test_steps_run_and_loss_falls_on_a_fixed_batch(tmp_path, fr, fas):
 
 def test_resume_is_bit_identical(tmp_path):
   config = _config(train_fas=True, num_iter=6, checkpoint_every=3)
-  loop.train(config, tmp_path / "straight", batches_fn=training_utils.fake_batches)
+  loop.train(config, tmp_path / "straight", batches_fn=batch_lib.fake_batches)
   interrupted = _config(train_fas=True, num_iter=3, checkpoint_every=3)
-  loop.train(interrupted, tmp_path / "resumed", batches_fn=training_utils.fake_batches)
-  loop.train(config, tmp_path / "resumed", batches_fn=training_utils.fake_batches)
+  loop.train(interrupted, tmp_path / "resumed", batches_fn=batch_lib.fake_batches)
+  loop.train(config, tmp_path / "resumed", batches_fn=batch_lib.fake_batches)
   a, raw_a = _params(tmp_path / "straight")
   b, raw_b = _params(tmp_path / "resumed")
   assert int(raw_a["step"]) == int(raw_b["step"]) == 6
@@ -100,8 +100,8 @@ def test_four_devices_match_one(tmp_path):
   # AIFR (SGD): Adam's first steps are sign(g) * lr, so FAS parameters whose
   # gradient is ~0 may legitimately differ by ~lr between reduction orders.
   config = _config(num_iter=3, checkpoint_every=3)
-  loop.train(config, tmp_path / "one", batches_fn=training_utils.fake_batches, devices=jax.devices()[:1])
-  loop.train(config, tmp_path / "four", batches_fn=training_utils.fake_batches, devices=jax.devices()[:4])
+  loop.train(config, tmp_path / "one", batches_fn=batch_lib.fake_batches, devices=jax.devices()[:1])
+  loop.train(config, tmp_path / "four", batches_fn=batch_lib.fake_batches, devices=jax.devices()[:4])
   a, _ = _params(tmp_path / "one")
   b, _ = _params(tmp_path / "four")
   jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=2e-5), a, b)
@@ -109,11 +109,11 @@ def test_four_devices_match_one(tmp_path):
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
   config = _config(num_iter=4, checkpoint_every=1)
-  batches = functools.partial(training_utils.fake_batches, nan_steps=(2,))
+  batches = functools.partial(batch_lib.fake_batches, nan_steps=(2,))
   summary = loop.train(config, tmp_path / "skip", batches_fn=batches)
   assert summary["nonfinite_total"] == 1 and summary["step"] == 4
   stop = _config(num_iter=10, checkpoint_every=1, max_consecutive_nonfinite=3)
-  batches = functools.partial(training_utils.fake_batches, nan_steps=range(2, 10))
+  batches = functools.partial(batch_lib.fake_batches, nan_steps=range(2, 10))
   with pytest.raises(loop.NonFiniteLossError, match="consecutive non-finite"):
     loop.train(stop, tmp_path / "stop", batches_fn=batches)
   params, raw = _params(tmp_path / "stop")

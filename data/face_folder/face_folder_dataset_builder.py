@@ -18,7 +18,7 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 
 from mtlface_jax.formats import lists
-from mtlface_jax.formats import report as report_lib
+from mtlface_jax.formats import parse_report as parse_report_lib
 from mtlface_jax.formats import tfds_features
 
 
@@ -79,7 +79,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       **kwargs: passed to ``tfds.core.GeneratorBasedBuilder``.
     """
     self._skip_bad_examples = skip_bad_examples
-    self.reports: dict[str, report_lib.ParseReport] = {}
+    self.reports: dict[str, parse_report_lib.ParseReport] = {}
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:

@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds
 
 from mtlface_jax.formats import binset
 from mtlface_jax.formats import lists
-from mtlface_jax.formats import report as report_lib
+from mtlface_jax.formats import parse_report as parse_report_lib
 from mtlface_jax.formats import tfds_features
 
 
@@ -76,7 +76,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       **kwargs: passed to ``tfds.core.GeneratorBasedBuilder``.
     """
     self._skip_bad_examples = skip_bad_examples
-    self.reports: dict[str, report_lib.ParseReport] = {}
+    self.reports: dict[str, parse_report_lib.ParseReport] = {}
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -111,7 +111,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     lfw_style = layout == "lfw"
     for key, pair in enumerate(pairs):
       # Count the pair once: decode both images with a scratch report.
-      scratch = report_lib.ParseReport()
+      scratch = parse_report_lib.ParseReport()
       jpegs = [tfds_features.load_face_jpeg(path, lfw_style, skip, scratch)
                for path in (pair.path1, pair.path2)]
       report.skipped.extend(scratch.skipped)
@@ -123,7 +123,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     tfds_features.log_report(str(manual_dir / "pairs.txt"), report)
 
   def _generate_bin_pairs(self, path: Path):
-    report = report_lib.ParseReport()
+    report = parse_report_lib.ParseReport()
     self.reports[tfds_features.split_name(path.stem)] = report
     for key, image1, image2, issame, fold in binset.iter_bin_pairs(
         path, skip_bad_examples=self._skip_bad_examples, report=report):

@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 
 from mtlface_jax.formats import lists
 from mtlface_jax.formats import recordio
-from mtlface_jax.formats import report as report_lib
+from mtlface_jax.formats import parse_report as parse_report_lib
 from mtlface_jax.formats import tfds_features
 
 
@@ -41,7 +41,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       **kwargs: passed to ``tfds.core.GeneratorBasedBuilder``.
     """
     self._skip_bad_examples = skip_bad_examples
-    self.reports: dict[str, report_lib.ParseReport] = {}
+    self.reports: dict[str, parse_report_lib.ParseReport] = {}
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -66,16 +66,16 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     with recordio.RecordIOReader(manual_dir / "train.rec") as reader:
       entries, parse_report = (self._joined_entries(reader, list_path)
                                if list_path.is_file() else
-                               (None, report_lib.ParseReport()))
+                               (None, parse_report_lib.ParseReport()))
       report = tfds_features.example_report(parse_report)
       self.reports["train"] = report
-      indices = (reader.image_indices() if entries is None else
-                 [entry.index for entry in entries])
+      indices = (reader.image_indices(self._skip_bad_examples, report)
+                 if entries is None else [entry.index for entry in entries])
       for position, index in enumerate(indices):
         try:
           header, image = reader.read_image(index)
         except recordio.RecordIOError as e:
-          report_lib.handle_bad_entry(f"{reader.rec_path}: record {index}",
+          parse_report_lib.handle_bad_entry(f"{reader.rec_path}: record {index}",
                                       str(e), self._skip_bad_examples, report)
           continue
         if entries is None:  # Unlabelled by a list: the record's own label.

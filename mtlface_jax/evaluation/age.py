@@ -86,21 +86,3 @@ def age_metrics(predicted_ages,
       num_groups=int(num_groups),
       num_samples=int(known.sum()),
       num_ignored=int((~known).sum()))
-
-
-def expected_age(age_logits) -> np.ndarray:
-  """DEX expected age: sum_k softmax(logits)_k * k over ages 0..K-1.
-
-  Args:
-    age_logits: [N, K] age logits (K = 101 for ages 0..100).
-
-  Returns:
-    float64 [N] expected ages.
-  """
-  logits = np.asarray(age_logits, np.float64)
-  if logits.ndim != 2:
-    raise ValueError(f"age_logits must be [N, K], got shape {logits.shape}")
-  shifted = logits - logits.max(axis=1, keepdims=True)  # Stable softmax.
-  probabilities = np.exp(shifted)
-  probabilities /= probabilities.sum(axis=1, keepdims=True)
-  return probabilities @ np.arange(logits.shape[1], dtype=np.float64)

@@ -1,15 +1,15 @@
-"""Reports (JSON, text tables, ROC plots) and batched embedding extraction."""
+"""Evaluation reports: the report dict, JSON, text tables and ROC plots."""
 
 import dataclasses
 import json
 import math
-import operator
 import pathlib
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 # --------------------------------------------------------------------------- #
 # JSON and text reports.
@@ -171,116 +171,95 @@ def plot_roc_curves(curves: Mapping[str, Any], path, log_fpr: bool = True) -> pa
 
 
 # --------------------------------------------------------------------------- #
-# Embedding extraction.
+# Evaluation reports.
 # --------------------------------------------------------------------------- #
 
+SECTIONS = ("verification", "identification", "age", "fas")
 
-def flip_sum_embeddings(embed_fn: Callable[[Any], Any], images) -> Any:
-  """Embedding of each image plus that of its horizontal mirror.
 
-  This is the reference's test-time augmentation (it then L2-normalises the
-  sum; cosine scoring is scale-invariant, so the sum is returned as is).
+def new_report(protocol: str, model_info: dict, options: dict) -> dict[str, Any]:
+  """An empty report: filled by the protocols, written by :func:`write_report`."""
+  devices = jax.devices()
+  return {"protocol": protocol, "checkpoint": dict(model_info), "options": dict(options),
+          "devices": {"count": len(devices), "platform": devices[0].platform,
+                      "kind": devices[0].device_kind},
+          "datasets": {}, "started": time.time()}
+
+
+def add_result(report: dict, section: str, name: str, result: Any,
+               dataset: Optional[dict] = None) -> None:
+  """Stores ``result`` as ``report[section][name]`` (and the dataset summary)."""
+  if section not in SECTIONS:
+    raise ValueError(f"section must be one of {SECTIONS}, got {section!r}")
+  report.setdefault(section, {})[name] = result
+  if dataset is not None:
+    report["datasets"][name] = dataset
+
+
+def report_text(report: dict) -> str:
+  """The readable tables of a report (one block per section)."""
+  blocks = []
+  if report.get("verification"):
+    blocks.append("Verification\n" + verification_table(report["verification"]))
+  if report.get("identification"):
+    rows = []
+    for name, result in report["identification"].items():
+      result = to_jsonable(result)
+      rows.append({"dataset": name, **result["rank_accuracies"],
+                   "probes": result["num_probes"], "skipped": result["num_skipped"]})
+    blocks.append("Identification\n" + format_table(rows))
+  if report.get("age"):
+    rows = []
+    for name, result in report["age"].items():
+      r = to_jsonable(result)
+      rows.append({"dataset": name, "MAE": r["mae"], "group acc": r["group_accuracy"],
+                   f"CS({r['cs_years']:g})": r["cs"], "samples": r["num_samples"],
+                   "ignored": r["num_ignored"]})
+    blocks.append("Age estimation\n" + format_table(rows))
+  for name, entry in (report.get("fas") or {}).items():
+    blocks.append(_fas_text(name, to_jsonable(entry)))
+  return "\n\n".join(blocks) if blocks else "(no results)"
+
+
+def _fas_text(name: str, entry: dict) -> str:
+  """Overall and per-group FAS tables."""
+  overall = format_table([{
+      "dataset": name, "age accuracy": entry["age_accuracy"],
+      "identity preservation": entry["identity_preservation"],
+      "samples": entry["num_samples"]}])
+  per_group = format_table([
+      {"group": g["group"], "ages": g["label"], "count": g["count"],
+       "age acc": g["age_accuracy"], "identity": g["identity_preservation"],
+       "mean est. age": g.get("mean_estimated_age")} for g in entry["per_group"]])
+  return f"Face age synthesis\n{overall}\n\nper target group\n{per_group}"
+
+
+def write_report(report: dict, output_dir) -> dict[str, str]:
+  """Writes ``report.json``, ``report.txt`` and (with verification) ``roc.png``.
 
   Args:
-    embed_fn: maps an NHWC batch to embeddings (or a pytree of arrays, which
-      are summed leaf by leaf).
-    images: NHWC batch (NumPy or JAX).
+    report: from :func:`new_report` with results added.
+    output_dir: destination folder (created).
 
   Returns:
-    ``embed_fn(images) + embed_fn(images mirrored along W)``.
+    Paths of the written files by kind ("json", "table", "roc"), also stored
+    in the report's ``files``.
   """
-  if np.ndim(images) != 4:
-    raise ValueError(f"images must be NHWC, got shape {np.shape(images)}")
-  mirrored = images[:, :, ::-1, :]
-  return jax.tree_util.tree_map(operator.add, embed_fn(images), embed_fn(mirrored))
+  output_dir = Path(output_dir)
+  output_dir.mkdir(parents=True, exist_ok=True)
+  report["seconds"] = round(time.time() - report.pop("started", time.time()), 3)
+  files = {"json": str(output_dir / "report.json"), "table": str(output_dir / "report.txt")}
+  if report.get("verification"):
+    files["roc"] = str(plot_roc_curves(report["verification"],
+                                                  output_dir / "roc.png"))
+  report["files"] = {**report.get("files", {}), **files}
+  Path(files["table"]).write_text(report_text(report) + "\n", encoding="utf-8")
+  write_json_report(report, files["json"])
+  return files
 
 
-def extract_embeddings(embed_fn: Callable[[Any], Any],
-                       images: Iterable[Any],
-                       batch_size: int,
-                       sharding: Optional[jax.sharding.Sharding] = None,
-                       input_dtype=np.float32,
-                       progress: bool = True,
-                       description: str = "embeddings",
-                       total: Optional[int] = None) -> Any:
-  """Runs ``embed_fn`` over images in fixed-size batches and gathers outputs.
-
-  Every batch has exactly ``batch_size`` images (the last one is zero-padded
-  and the padding dropped from the outputs), so a jitted ``embed_fn`` compiles
-  once. Device work overlaps with loading the next batch because outputs are
-  copied to the host one batch late.
-
-  Args:
-    embed_fn: maps an [B, H, W, C] batch to an array [B, ...] or a pytree of
-      such arrays (e.g. embeddings and ages).
-    images: iterable of single images [H, W, C] (a NumPy array [N, H, W, C]
-      works, as does a generator that decodes files lazily).
-    batch_size: images per call. With ``sharding`` it is rounded up to a
-      multiple of the sharding's device count.
-    sharding: optional ``jax.sharding.Sharding`` to place each batch with,
-      e.g. ``NamedSharding(Mesh(jax.devices(), ("data",)), P("data"))`` for
-      data parallelism over all devices.
-    input_dtype: dtype of the batches fed to ``embed_fn`` (e.g. bfloat16).
-    progress: show a tqdm progress bar.
-    description: progress bar label.
-    total: number of images for the progress bar (default ``len(images)``).
-
-  Returns:
-    The outputs for all images, concatenated along axis 0, as NumPy arrays with
-    ``embed_fn``'s pytree structure.
-
-  Raises:
-    ValueError: on an empty input, a non-positive batch size, or an image
-      whose shape differs from the first one (its index is named).
-  """
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if sharding is not None:
-    num_devices = len(sharding.device_set)
-    batch_size = -(-batch_size // num_devices) * num_devices
-  if total is None and hasattr(images, "__len__"):
-    total = len(images)
-  gathered, pending = [], None
-  with tqdm(total=total, desc=description, unit="img", disable=not progress) as bar:
-    for batch, num_valid in _padded_batches(images, batch_size, input_dtype):
-      if sharding is not None:
-        batch = jax.device_put(batch, sharding)
-      outputs = embed_fn(batch)  # Dispatched asynchronously.
-      if pending is not None:
-        gathered.append(_to_host(*pending))
-      pending = (outputs, num_valid)
-      bar.update(num_valid)
-  if pending is None:
-    raise ValueError("no images to embed")
-  gathered.append(_to_host(*pending))
-  return jax.tree_util.tree_map(lambda *parts: np.concatenate(parts, axis=0), *gathered)
-
-
-def _padded_batches(images: Iterable[Any], batch_size: int, dtype):
-  """Yields (batch [batch_size, H, W, C], number of real images in it)."""
-  buffer, filled, shape = None, 0, None
-  for index, image in enumerate(images):
-    image = np.asarray(image)
-    if shape is None:
-      shape = image.shape
-      if image.ndim != 3:
-        raise ValueError(f"image 0 must be [H, W, C], got shape {image.shape}")
-    elif image.shape != shape:
-      raise ValueError(f"image {index} has shape {image.shape}, expected {shape} "
-                       "like image 0")
-    if buffer is None:
-      # A fresh buffer per batch: the previous one may still be read by an
-      # asynchronously running computation.
-      buffer = np.zeros((batch_size, *shape), dtype)
-    buffer[filled] = image
-    filled += 1
-    if filled == batch_size:
-      yield buffer, filled
-      buffer, filled = None, 0
-  if filled:
-    yield buffer, filled
-
-
-def _to_host(outputs: Any, num_valid: int) -> Any:
-  """Copies outputs to NumPy, dropping the padding rows."""
-  return jax.tree_util.tree_map(lambda leaf: np.asarray(leaf)[:num_valid], outputs)
+def fas_entry(outcome: dict, age_model: str, identity_model: str, group_from: str) -> dict:
+  """The report entry of :func:`face_age_synthesis`'s outcome."""
+  return {**outcome["result"].to_dict(), "age_estimator": age_model,
+          "identity_model": identity_model, "group_from": group_from,
+          "grids": outcome["grids"]}

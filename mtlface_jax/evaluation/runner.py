@@ -1,26 +1,32 @@
-"""Glue from a Flax module + variables to verification reports.
+"""Batched, data-parallel prediction of a loaded model: embeddings, ages, synthesis.
 
-Builds a jitted (optionally flip-summed) embedding function, embeds the images
-of a pair list (LFW ``pairs.txt``, a generic or CACD-VS list parsed by
-``mtlface_jax.formats.lists``) or of an insightface ``.bin`` set, and scores
-them with :func:`~mtlface_jax.evaluation.verification.evaluate_verification`.
-Each distinct image file is embedded once however many pairs use it.
+:class:`ModelRunner` wraps a :class:`~mtlface_jax.predict.LoadedModel`. Its
+jitted programs are built from :mod:`mtlface_jax.predict` (the one encoder:
+flip-averaged embedding, age and group logits), take the variables as
+arguments (so large models compile fast) and are cached per module
+configuration, so several protocols on one model compile each program once
+per batch shape. Batches are split over all devices along the batch axis
+(:func:`extract_embeddings` pads the last one); the variables are replicated
+once.
+
+Inputs are float32 faces in [-1, 1] (``datasets.to_model_input``) at the
+model's input side; other sizes are resized on the device (bilinear,
+antialiased), which compiles a program per input size.
 """
 
-import os
-from typing import Any, Callable, Iterator, Optional, Sequence
+import functools
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
-from mtlface_jax.evaluation import report
-from mtlface_jax.evaluation import verification
-from mtlface_jax.formats import binset
-from mtlface_jax.formats import images as images_lib
-from mtlface_jax.formats import lists
+from mtlface_jax import ages as ages_lib
+from mtlface_jax import predict
 
 EmbedFn = Callable[[Any], Any]
+GROUP_SOURCES = ("head", "age")
 
 
 def data_parallel_sharding(devices: Optional[Sequence[jax.Device]] = None):
@@ -36,261 +42,279 @@ def data_parallel_sharding(devices: Optional[Sequence[jax.Device]] = None):
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
 
-def make_embed_fn(module,
-                  variables,
-                  flip: bool = True,
-                  sharding: Optional[jax.sharding.NamedSharding] = None,
-                  select: Optional[Callable[[Any], jax.Array]] = None) -> EmbedFn:
-  """Builds a jitted images -> float32 embeddings function from a Flax module.
+def extract_embeddings(embed_fn: Callable[[Any], Any],
+                       images: Iterable[Any],
+                       batch_size: int,
+                       sharding: Optional[jax.sharding.Sharding] = None,
+                       input_dtype=np.float32,
+                       progress: bool = True,
+                       description: str = "embeddings",
+                       total: Optional[int] = None) -> Any:
+  """Runs ``embed_fn`` over images in fixed-size batches and gathers outputs.
+
+  Every batch has exactly ``batch_size`` images (the last one is zero-padded
+  and the padding dropped from the outputs), so a jitted ``embed_fn`` compiles
+  once. Device work overlaps with loading the next batch because outputs are
+  copied to the host one batch late.
 
   Args:
-    module: a Flax module called as ``module.apply(variables, images,
-      train=False)``, e.g. ``mtlface_jax.models.Encoder`` (whose ``dtype``
-      attribute sets the compute dtype, e.g. bfloat16).
-    variables: its variables (params and batch_stats).
-    flip: sum the embeddings of each image and of its horizontal mirror.
-    sharding: the data-parallel sharding batches will be placed with; the
-      variables are then replicated over its mesh once, here.
-    select: picks the embedding from the module's output. Default: the
-      output's ``embedding`` attribute when it has one (``EncoderOutputs``),
-      else the output itself.
+    embed_fn: maps an [B, H, W, C] batch to an array [B, ...] or a pytree of
+      such arrays (e.g. embeddings and ages).
+    images: iterable of single images [H, W, C] (a NumPy array [N, H, W, C]
+      works, as does a generator that decodes files lazily).
+    batch_size: images per call. With ``sharding`` it is rounded up to a
+      multiple of the sharding's device count.
+    sharding: optional ``jax.sharding.Sharding`` to place each batch with,
+      e.g. ``NamedSharding(Mesh(jax.devices(), ("data",)), P("data"))`` for
+      data parallelism over all devices.
+    input_dtype: dtype of the batches fed to ``embed_fn`` (e.g. bfloat16).
+    progress: show a tqdm progress bar.
+    description: progress bar label.
+    total: number of images for the progress bar (default ``len(images)``).
 
   Returns:
-    ``embed(images [B, H, W, C] in [-1, 1]) -> [B, D] float32``. Variables are
-    an argument of the jitted function rather than baked-in constants, so a
-    large model compiles quickly.
+    The outputs for all images, concatenated along axis 0, as NumPy arrays with
+    ``embed_fn``'s pytree structure.
+
+  Raises:
+    ValueError: on an empty input, a non-positive batch size, or an image
+      whose shape differs from the first one (its index is named).
   """
-  if select is None:
-    select = lambda outputs: getattr(outputs, "embedding", outputs)
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if sharding is not None:
+    num_devices = len(sharding.device_set)
+    batch_size = -(-batch_size // num_devices) * num_devices
+  if total is None and hasattr(images, "__len__"):
+    total = len(images)
+  gathered, pending = [], None
+  with tqdm(total=total, desc=description, unit="img", disable=not progress) as bar:
+    for batch, num_valid in _padded_batches(images, batch_size, input_dtype):
+      if sharding is not None:
+        batch = jax.device_put(batch, sharding)
+      outputs = embed_fn(batch)  # Dispatched asynchronously.
+      if pending is not None:
+        gathered.append(_to_host(*pending))
+      pending = (outputs, num_valid)
+      bar.update(num_valid)
+  if pending is None:
+    raise ValueError("no images to embed")
+  gathered.append(_to_host(*pending))
+  return jax.tree_util.tree_map(lambda *parts: np.concatenate(parts, axis=0), *gathered)
 
-  def single(params, images):
-    return select(module.apply(params, images, train=False)).astype(jnp.float32)
 
+def _padded_batches(images: Iterable[Any], batch_size: int, dtype):
+  """Yields (batch [batch_size, H, W, C], number of real images in it)."""
+  buffer, filled, shape = None, 0, None
+  for index, image in enumerate(images):
+    image = np.asarray(image)
+    if shape is None:
+      shape = image.shape
+      if image.ndim != 3:
+        raise ValueError(f"image 0 must be [H, W, C], got shape {image.shape}")
+    elif image.shape != shape:
+      raise ValueError(f"image {index} has shape {image.shape}, expected {shape} "
+                       "like image 0")
+    if buffer is None:
+      # A fresh buffer per batch: the previous one may still be read by an
+      # asynchronously running computation.
+      buffer = np.zeros((batch_size, *shape), dtype)
+    buffer[filled] = image
+    filled += 1
+    if filled == batch_size:
+      yield buffer, filled
+      buffer, filled = None, 0
+  if filled:
+    yield buffer, filled
+
+
+def _to_host(outputs: Any, num_valid: int) -> Any:
+  """Copies outputs to NumPy, dropping the padding rows."""
+  return jax.tree_util.tree_map(lambda leaf: np.asarray(leaf)[:num_valid], outputs)
+
+
+def _fit(images: jax.Array, image_size: int) -> jax.Array:
+  """Resizes a batch to the model's side when it differs (decided at trace time)."""
+  images = images.astype(jnp.float32)
+  if images.shape[1:3] == (image_size, image_size):
+    return images
+  shape = (images.shape[0], image_size, image_size, images.shape[3])
+  return jax.image.resize(images, shape, method="bilinear", antialias=True)
+
+
+@functools.lru_cache(maxsize=32)
+def embedding_program(encoder, flip: bool, image_size: Optional[int] = None) -> Callable:
+  """jitted ``(encoder variables, images) -> float32 [B, D]``: :func:`predict.embed`."""
   @jax.jit
-  def embed(params, images):
-    if flip:
-      return report.flip_sum_embeddings(lambda x: single(params, x), images)
-    return single(params, images)
+  def embed(variables, images):
+    if image_size is not None:
+      images = _fit(images, image_size)
+    return predict.embed(encoder, variables, images, flip)
 
+  return embed
+
+
+@functools.lru_cache(maxsize=32)
+def encode_program(models, flip: bool, image_size: int) -> Callable:
+  """jitted ``(variables, images) -> {'embedding', 'age', 'group'}``: :func:`predict.encode`.
+
+  ``age`` is the expected age in years, ``group`` the argmax of the
+  (flip-averaged) age-group logits.
+  """
+  @jax.jit
+  def encode(variables, images):
+    out = predict.encode(models, variables, _fit(images, image_size), flip)
+    return {"embedding": out.embedding, "age": out.age,
+            "group": jnp.argmax(out.group_logits, axis=-1).astype(jnp.int32)}
+
+  return encode
+
+
+@functools.lru_cache(maxsize=32)
+def synthesis_program(models, num_groups: int, image_size: int) -> Callable:
+  """jitted ``(variables, images) -> float32 [B, G, S, S, 3]``: every age group."""
+  @jax.jit
+  def synthesize(variables, images):
+    out = predict.synthesize_all_groups(models, variables, _fit(images, image_size),
+                                        num_groups)
+    return out.astype(jnp.float32)
+
+  return synthesize
+
+
+def embed_fn(encoder, variables, flip: bool = True,
+             sharding: Optional[jax.sharding.NamedSharding] = None) -> EmbedFn:
+  """``images [B, H, W, 3] -> [B, D]`` embeddings of any encoder-like module.
+
+  Args:
+    encoder: a Flax module whose output has an ``embedding`` (``Encoder``).
+    variables: its variables.
+    flip: flip-average (:func:`predict.embed`).
+    sharding: the batches' data-parallel sharding; the variables are then
+      replicated over its mesh once, here.
+
+  Returns:
+    The embedding function (jitted; variables are an argument, not constants).
+  """
+  program = embedding_program(encoder, flip)
   if sharding is not None:
     replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
     variables = jax.device_put(variables, replicated)
-  return lambda images: embed(variables, images)
+  return lambda images: program(variables, images)
 
 
-def to_model_input(image: np.ndarray) -> np.ndarray:
-  """RGB uint8 [H, W, 3] -> float32 in [-1, 1], as the batch contract scales."""
-  return (np.asarray(image, np.float32) / 255.0 - 0.5) / 0.5
-
-
-def load_face(path, lfw_style: bool = False,
-              image_size: int = images_lib.FACE_SIZE) -> np.ndarray:
-  """Decodes an image file to a model input: float32 [S, S, 3] in [-1, 1].
+class ModelRunner:
+  """Batched inference of one loaded model over all (or given) devices.
 
   Args:
-    path: image file.
-    lfw_style: apply the fixed LFW crop instead of a plain resize.
-    image_size: side S of the model's input; the 112x112 face is resized to
-      it (e.g. 48 for the tiny test models).
+    loaded: the model.
+    batch_size: images per device call (rounded up to a multiple of the
+      device count); the last batch is padded, so each program compiles once.
+    flip: flip-average the encoding (test-time augmentation).
+    sharding: batch sharding; default :func:`data_parallel_sharding` over
+      all devices.
+    progress: show progress bars.
+  """
+
+  def __init__(self, loaded: predict.LoadedModel, batch_size: int = 64, flip: bool = True,
+               sharding: Optional[jax.sharding.NamedSharding] = None, progress: bool = True):
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    self.loaded = loaded
+    self.batch_size = batch_size
+    self.flip = flip
+    self.sharding = sharding if sharding is not None else data_parallel_sharding()
+    self.progress = progress
+    self.image_size = int(loaded.info["image_size"])
+    self.num_groups = int(loaded.info["age_group"])
+    self._replicated = {}
+
+  @property
+  def num_devices(self) -> int:
+    """Devices the batches are split over."""
+    return len(self.sharding.device_set)
+
+  def _variables(self, name: str) -> Any:
+    """The module's variables, replicated on the mesh (once)."""
+    if name not in self._replicated:
+      replicated = jax.sharding.NamedSharding(self.sharding.mesh, jax.sharding.PartitionSpec())
+      self._replicated[name] = jax.device_put(self.loaded.variables[name], replicated)
+    return self._replicated[name]
+
+  def embed_fn(self) -> EmbedFn:
+    """``images [B, H, W, 3] -> [B, D]`` for ``protocols.score_pair_list`` & co."""
+    predict.require_modules(self.loaded, ("encoder",), "face embedding")
+    program = embedding_program(self.loaded.models.encoder, self.flip, self.image_size)
+    variables = self._variables("encoder")
+    return lambda images: program(variables, images)
+
+  def embed(self, faces: Iterable[np.ndarray], total: Optional[int] = None,
+            description: str = "embedding", progress: Optional[bool] = None) -> np.ndarray:
+    """Embeddings [N, D] of float32 faces in [-1, 1].
+
+    Args:
+      faces: float32 [H, W, 3] faces (an array [N, H, W, 3] or an iterator).
+      total: number of faces, for the progress bar.
+      description: progress bar label.
+      progress: overrides the runner's progress setting.
+
+    Returns:
+      float32 [N, D].
+    """
+    return self._run(self.embed_fn(), faces, total, description, progress)
+
+  def estimate_ages(self, faces: Iterable[np.ndarray], total: Optional[int] = None,
+                    description: str = "age estimation",
+                    progress: Optional[bool] = None) -> dict[str, np.ndarray]:
+    """Age estimates of faces (arguments as :meth:`embed`).
+
+    Returns:
+      ``{'embedding': float32 [N, D], 'age': float32 [N] DEX expected age,
+      'group': int32 [N] argmax of the age-group logits}``, flip-averaged
+      with ``flip`` (:func:`predict.encode`, the same numbers as a bundle's
+      ``encode``).
+    """
+    predict.require_modules(self.loaded, ("encoder", "age"), "age estimation")
+    program = encode_program(self.loaded.models, self.flip, self.image_size)
+    variables = {name: self._variables(name) for name in ("encoder", "age")}
+    return self._run(lambda images: program(variables, images), faces, total,
+                     description, progress)
+
+  def synthesize(self, faces: Iterable[np.ndarray], total: Optional[int] = None,
+                 description: str = "synthesis",
+                 progress: Optional[bool] = None) -> np.ndarray:
+    """Each face synthesized at every age group (arguments as :meth:`embed`).
+
+    Returns:
+      float32 [N, G, S, S, 3] in [-1, 1], S the model's input side.
+    """
+    predict.require_modules(self.loaded, ("encoder", "generator"), "face age synthesis")
+    program = synthesis_program(self.loaded.models, self.num_groups, self.image_size)
+    variables = {name: self._variables(name) for name in ("encoder", "generator")}
+    return self._run(lambda images: program(variables, images), faces, total, description,
+                     progress)
+
+  def _run(self, fn, faces, total, description, progress):
+    show = self.progress if progress is None else progress
+    return extract_embeddings(fn, faces, self.batch_size, sharding=self.sharding,
+                                     progress=show, description=description, total=total)
+
+
+def estimated_groups(ages: dict[str, np.ndarray], num_groups: int,
+                     group_from: str = "head") -> np.ndarray:
+  """The age group of each estimate: the group head, or the expected age's group.
+
+  Args:
+    ages: from :meth:`ModelRunner.estimate_ages`.
+    num_groups: number of age groups.
+    group_from: "head" (argmax of the estimator's group classifier) or "age"
+      (``ages.age_to_group`` of the expected age).
 
   Returns:
-    The scaled face.
-
-  Raises:
-    ImageDecodeError: naming the file, if it is missing or corrupt.
+    int [N] groups.
   """
-  face = images_lib.to_face(images_lib.load_image(path), lfw_style)
-  return to_model_input(images_lib.resize_image(face, image_size))
-
-
-def embed_image_files(embed_fn: EmbedFn,
-                      paths: Sequence[str],
-                      batch_size: int = 64,
-                      lfw_style: bool = False,
-                      sharding: Optional[jax.sharding.Sharding] = None,
-                      progress: bool = True,
-                      description: str = "embedding",
-                      image_size: int = images_lib.FACE_SIZE) -> np.ndarray:
-  """Decodes, crops/resizes to 112x112, scales and embeds image files.
-
-  Args:
-    embed_fn: images -> embeddings (e.g. from :func:`make_embed_fn`).
-    paths: image files.
-    batch_size: images per call (see ``report.extract_embeddings``).
-    lfw_style: apply the fixed LFW crop (raw deep-funneled LFW images) instead
-      of a plain resize (already aligned faces).
-    sharding: optional data-parallel sharding for the batches.
-    progress: show a progress bar.
-    description: progress bar label.
-    image_size: side the 112x112 faces are then resized to (the model's input).
-
-  Returns:
-    [len(paths), D] float32 embeddings.
-
-  Raises:
-    ImageDecodeError: naming the file, if one is missing or corrupt.
-  """
-  faces = (load_face(p, lfw_style, image_size) for p in paths)
-  return report.extract_embeddings(embed_fn, faces, batch_size, sharding=sharding,
-                                   progress=progress, description=description,
-                                   total=len(paths))
-
-
-def pair_folds(pairs: Sequence[lists.FacePair]) -> Optional[np.ndarray]:
-  """Fold labels of parsed pairs, or None when the list defines none.
-
-  Args:
-    pairs: parsed pairs; ``fold == -1`` means "no fold given".
-
-  Returns:
-    int64 [N] labels, or None if every pair has -1 (contiguous folds are then
-    used by the protocol).
-
-  Raises:
-    ValueError: if only some pairs have a fold (naming the first without).
-  """
-  folds = np.asarray([p.fold for p in pairs], np.int64)
-  if (folds < 0).all():
-    return None
-  if (folds < 0).any():
-    first = pairs[int(np.argmax(folds < 0))]
-    raise ValueError(f"{first.source}: pair has no fold while others do; give "
-                     "every pair a fold or none")
-  return folds
-
-
-def check_pair_files(pairs: Sequence[lists.FacePair]) -> None:
-  """Fails before any compute if an image of the pair list is missing.
-
-  Args:
-    pairs: parsed pairs.
-
-  Raises:
-    FileNotFoundError: naming the count and the first missing files with the
-      list lines that reference them.
-  """
-  missing = []
-  for pair in pairs:
-    missing += [(path, pair.source) for path in (pair.path1, pair.path2)
-                if not os.path.isfile(path)]
-  if missing:
-    listed = "; ".join(f"{path} (pair at {source})" for path, source in missing[:5])
-    raise FileNotFoundError(f"{len(missing)} image file(s) of the pair list are "
-                            f"missing: {listed}")
-
-
-def verify_pair_list(embed_fn: EmbedFn,
-                     pairs: Sequence[lists.FacePair],
-                     batch_size: int = 64,
-                     lfw_style: bool = False,
-                     eval_folds: Optional[Sequence[int]] = None,
-                     sharding: Optional[jax.sharding.Sharding] = None,
-                     progress: bool = True,
-                     image_size: int = images_lib.FACE_SIZE) -> verification.VerificationResult:
-  """Embeds the images of parsed pairs and runs the verification protocol.
-
-  Args:
-    embed_fn: images -> embeddings (e.g. from :func:`make_embed_fn`).
-    pairs: from ``formats.lists.parse_lfw_pairs``, ``parse_pair_list`` or
-      ``parse_numbered_pairs`` (for ``.bin`` sets use :func:`verify_bin`).
-    batch_size: images per embedding call.
-    lfw_style: apply the fixed LFW crop to each image.
-    eval_folds: optional fold labels to evaluate (see ``evaluate_verification``).
-    sharding: optional data-parallel sharding for the batches.
-    progress: show a progress bar.
-    image_size: the model's input side (faces are resized to it).
-
-  Returns:
-    The :class:`~mtlface_jax.evaluation.verification.VerificationResult`.
-
-  Raises:
-    FileNotFoundError: if any image is missing (before embedding anything).
-    ValueError: on an empty list or the protocol's errors (e.g. a fold
-      without positive pairs).
-  """
-  if not pairs:
-    raise ValueError("the pair list is empty")
-  check_pair_files(pairs)
-  folds = pair_folds(pairs)
-  unique_paths = sorted({p.path1 for p in pairs} | {p.path2 for p in pairs})
-  row = {path: i for i, path in enumerate(unique_paths)}
-  embeddings = embed_image_files(embed_fn, unique_paths, batch_size, lfw_style,
-                                 sharding, progress, image_size=image_size)
-  first = embeddings[[row[p.path1] for p in pairs]]
-  second = embeddings[[row[p.path2] for p in pairs]]
-  issame = np.asarray([p.issame for p in pairs], bool)
-  return verification.evaluate_verification(issame, first, second, folds=folds,
-                                            eval_folds=eval_folds)
-
-
-def verify_bin(embed_fn: EmbedFn,
-               bin_path,
-               batch_size: int = 64,
-               num_folds: int = 10,
-               eval_folds: Optional[Sequence[int]] = None,
-               sharding: Optional[jax.sharding.Sharding] = None,
-               progress: bool = True,
-               image_size: int = images_lib.FACE_SIZE) -> verification.VerificationResult:
-  """Embeds an insightface ``.bin`` set (AgeDB-30, CALFW, CPLFW, ...) and scores it.
-
-  The images are decoded lazily while embedding; folds are ``num_folds``
-  contiguous blocks of pairs, as insightface evaluates these sets.
-
-  Args:
-    embed_fn: images -> embeddings.
-    bin_path: the ``.bin`` file (read with a restricted unpickler).
-    batch_size: images per embedding call.
-    num_folds: contiguous folds.
-    eval_folds: optional fold labels (0-based) to evaluate.
-    sharding: optional data-parallel sharding for the batches.
-    progress: show a progress bar.
-    image_size: the model's input side (faces are resized to it).
-
-  Returns:
-    The verification result.
-
-  Raises:
-    ValueError / ImageDecodeError: naming the file and pair for a corrupt set
-      or image.
-  """
-  issame, folds = [], []
-
-  def faces() -> Iterator[np.ndarray]:
-    for _, image1, image2, same, fold in binset.iter_bin_pairs(bin_path, num_folds):
-      issame.append(same)
-      folds.append(fold)
-      for image in (image1, image2):
-        face = images_lib.resize_image(images_lib.to_face(image), image_size)
-        yield to_model_input(face)
-
-  embeddings = report.extract_embeddings(embed_fn, faces(), batch_size, sharding=sharding,
-                                         progress=progress,
-                                         description=os.path.basename(str(bin_path)))
-  return verification.evaluate_verification(
-      np.asarray(issame, bool), embeddings[0::2], embeddings[1::2],
-      folds=np.asarray(folds, np.int64), eval_folds=eval_folds)
-
-
-def write_verification_report(results: dict[str, verification.VerificationResult],
-                              out_dir,
-                              extra: Optional[dict[str, Any]] = None) -> dict[str, str]:
-  """Writes ``report.json``, ``report.txt`` and ``roc.png`` into ``out_dir``.
-
-  Args:
-    results: dataset name -> result.
-    out_dir: destination folder (created).
-    extra: more top-level JSON fields (checkpoint, options, timings...).
-
-  Returns:
-    Paths of the written files by kind ("json", "table", "roc").
-  """
-  out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
-  payload = {"verification": results, **(extra or {})}
-  json_path = report.write_json_report(payload, os.path.join(out_dir, "report.json"))
-  table = report.verification_table(results)
-  table_path = os.path.join(out_dir, "report.txt")
-  with open(table_path, "w", encoding="utf-8") as handle:
-    handle.write(table + "\n")
-  roc_path = report.plot_roc_curves(results, os.path.join(out_dir, "roc.png"))
-  return {"json": str(json_path), "table": table_path, "roc": str(roc_path)}
+  if group_from not in GROUP_SOURCES:
+    raise ValueError(f"group_from must be one of {GROUP_SOURCES}, got {group_from!r}")
+  if group_from == "head":
+    return np.asarray(ages["group"])
+  return np.asarray(ages_lib.age_to_group(np.asarray(ages["age"]), num_groups))

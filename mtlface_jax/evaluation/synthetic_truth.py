@@ -144,3 +144,37 @@ def score(truth: TruthSet, synthesized,
         "input_embeddings": np.asarray(embed(truth.inputs))}
   return fas_lib.truth_fas_metrics(truth.inputs, synthesized, truth.truth, truth.input_groups,
                                    truth.masks, **embeddings)
+
+
+def evaluate_truth(runner, split: synthetic.SplitArrays, output_dir=None, *,
+                   num_inputs: int = 64, grid_rows: int = 8,
+                   name: str = "synthetic_test") -> dict:
+  """The ground-truth FAS protocol: synthesize held-out faces, score, draw the grid.
+
+  Args:
+    runner: anything with ``image_size``, ``num_groups``, ``synthesize(images)
+      -> [N, G, S, S, 3]`` and ``embed(images) -> [N, D]`` (e.g.
+      ``evaluation.runner.ModelRunner``).
+    split: the held-out split of ``synthetic.make_dataset`` (e.g. ``data.test``).
+    output_dir: where ``fas_truth_grid_{name}.png`` goes (None: no grid).
+    num_inputs: inputs spread over the split.
+    grid_rows: inputs in the grid (spread over the inputs), each as a
+      synthesized row over a truth row.
+    name: the dataset's name in the file name.
+
+  Returns:
+    ``{'result': TruthFasResult, 'grid': PNG path or None, 'indices': [N]}``.
+  """
+  import pathlib  # pylint: disable=g-import-not-at-top
+  truth = build_truth_set(split, spread_indices(len(split), num_inputs), runner.image_size,
+                          runner.num_groups)
+  synthesized = np.asarray(runner.synthesize(truth.inputs), np.float32)
+  result = score(truth, synthesized, embed=runner.embed)
+  grid = None
+  if output_dir is not None and grid_rows > 0:
+    rows = spread_indices(len(truth.inputs), grid_rows)
+    grid = str(fas_lib.save_age_progression_grid(
+        truth.inputs[rows], synthesized[rows],
+        pathlib.Path(output_dir) / f"fas_truth_grid_{name}.png",
+        ages_lib.group_ranges(runner.num_groups), truth=truth.truth[rows]))
+  return {"result": result, "grid": grid, "indices": truth.indices}

@@ -8,7 +8,7 @@
 - :mod:`~mtlface_jax.formats.images`: robust decoding and the LFW crop.
 """
 
-from mtlface_jax.formats.report import ParseReport
+from mtlface_jax.formats.parse_report import ParseReport
 from mtlface_jax.formats.lists import FacePair
 from mtlface_jax.formats.lists import FaceRecord
 

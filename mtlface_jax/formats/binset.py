@@ -19,8 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from mtlface_jax.formats import images as images_lib
-from mtlface_jax.formats import lists as lists_lib
-from mtlface_jax.formats import report as report_lib
+from mtlface_jax.formats import parse_report
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -190,7 +189,7 @@ def write_bin(path: str | os.PathLike, images: Sequence[bytes],
 
 def iter_bin_pairs(path: str | os.PathLike, num_folds: int = 10,
                    skip_bad_examples: bool = False,
-                   report: report_lib.ParseReport | None = None):
+                   report: parse_report.ParseReport | None = None):
   """Yields decoded pairs of a ``.bin`` with their LFW-style folds.
 
   insightface evaluates ``.bin`` sets with 10 folds of consecutive pairs.
@@ -204,30 +203,15 @@ def iter_bin_pairs(path: str | os.PathLike, num_folds: int = 10,
   Yields:
     ``(pair index, image1, image2, issame, fold)`` with RGB uint8 images.
   """
-  report = report if report is not None else report_lib.ParseReport()
+  report = report if report is not None else parse_report.ParseReport()
   images, issame = read_bin(path)
   for k, same in enumerate(issame):
     try:
       image1, image2 = (images_lib.decode_image_bytes(
           images[2 * k + j], f"{path}: image {2 * k + j}") for j in (0, 1))
     except images_lib.ImageDecodeError as e:
-      report_lib.handle_bad_entry(f"{path}: pair {k}", str(e),
+      parse_report.handle_bad_entry(f"{path}: pair {k}", str(e),
                                   skip_bad_examples, report)
       continue
     report.add_ok()
     yield k, image1, image2, same, k * num_folds // len(issame)
-
-
-def bin_pairs_as_records(path: str | os.PathLike,
-                         num_folds: int = 10) -> list[lists_lib.FacePair]:
-  """Describes a ``.bin``'s pairs as :class:`FacePair` entries.
-
-  ``path1``/``path2`` are ``"<file>#<image index>"`` references, useful to
-  report which pair is which without decoding anything.
-  """
-  _, issame = read_bin(path)
-  return [
-      lists_lib.FacePair(f"{path}#{2 * k}", f"{path}#{2 * k + 1}", same,
-                         k * num_folds // len(issame), f"{path}: pair {k}")
-      for k, same in enumerate(issame)
-  ]

@@ -6,14 +6,17 @@ truncated JPEG, or an unsupported pixel format raises :class:`ImageDecodeError`
 alpha images are converted to 3-channel RGB.
 """
 
+import dataclasses
 import io
 import os
 from pathlib import Path
+import re
 
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 
-from mtlface_jax.formats import report as report_lib
+from mtlface_jax.formats import parse_report
 
 FACE_SIZE = 112  # Side of the aligned ArcFace-style faces everything uses.
 # LFW deep-funneled images are 250x250 with the face in the centre; a central
@@ -25,12 +28,15 @@ class ImageDecodeError(ValueError):
   """An image file or buffer could not be decoded."""
 
 
-def decode_image_bytes(data: bytes, source: str = "<bytes>") -> np.ndarray:
+def decode_image_bytes(data: bytes, source: str = "<bytes>",
+                       orient: bool = False) -> np.ndarray:
   """Decodes encoded image bytes (JPEG, PNG, BMP, ...) to RGB uint8.
 
   Args:
     data: the encoded image.
     source: name of where the bytes came from, used in error messages.
+    orient: apply the EXIF orientation tag (phone and camera photos store
+      pixels sideways and say so there); datasets are read as stored.
 
   Returns:
     A ``[H, W, 3]`` uint8 array.
@@ -46,7 +52,7 @@ def decode_image_bytes(data: bytes, source: str = "<bytes>") -> np.ndarray:
       # than yielding a partly grey image. PIL raises DecompressionBombError
       # for absurd sizes, which guards memory against hostile files.
       image.load()
-      return _to_rgb_array(image)
+      return from_pil(image, orient)
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise ImageDecodeError(f"{source}: cannot decode image ({e})") from e
 
@@ -73,7 +79,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def load_image_or_skip(path: str | os.PathLike,
-                       report: report_lib.ParseReport) -> np.ndarray | None:
+                       report: parse_report.ParseReport) -> np.ndarray | None:
   """Like :func:`load_image` but counts a bad file in ``report``.
 
   Args:
@@ -90,6 +96,13 @@ def load_image_or_skip(path: str | os.PathLike,
     return None
   report.add_ok()
   return image
+
+
+def from_pil(image: Image.Image, orient: bool = False) -> np.ndarray:
+  """A PIL image (any mode) as RGB uint8 ``[H, W, 3]``, optionally EXIF-oriented."""
+  if orient:
+    image = ImageOps.exif_transpose(image)
+  return _to_rgb_array(image)
 
 
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
@@ -170,19 +183,152 @@ def lfw_crop(image: np.ndarray, crop_size: int = LFW_CROP_SIZE) -> np.ndarray:
   return center_crop_resize(image, scaled_crop, FACE_SIZE)
 
 
-def to_face(image: np.ndarray, lfw_style: bool = False) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class CropBox:
+  """A face box ``[x0, x1) x [y0, y1)`` in pixels.
+
+  Attributes:
+    x0: left edge.
+    y0: top edge.
+    x1: right edge (exclusive).
+    y1: bottom edge (exclusive).
+    frame: ``(width, height)`` of the images the box was given for; other
+      image sizes get the box scaled to them. None: the box is used as is.
+  """
+  x0: int
+  y0: int
+  x1: int
+  y1: int
+  frame: tuple[int, int] | None = None
+
+
+# Named boxes for known layouts, in the coordinates of their images.
+CROP_PRESETS = {
+    # LFW deep-funneled (250x250): the central LFW_CROP_SIZE square.
+    "lfw": CropBox(61, 61, 189, 189, frame=(250, 250)),
+}
+
+
+def parse_crop(text: str) -> CropBox:
+  """Parses ``--crop``: ``x0,y0,x1,y1`` in pixels or a preset name.
+
+  Args:
+    text: e.g. ``"40,60,210,230"`` or ``"lfw"`` (see ``CROP_PRESETS``).
+
+  Returns:
+    The box (a preset's box scales with the image size).
+
+  Raises:
+    ValueError: naming the presets, for anything else.
+  """
+  if text in CROP_PRESETS:
+    return CROP_PRESETS[text]
+  match = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*",
+                       text)
+  if not match:
+    raise ValueError(f"crop {text!r} is not 'x0,y0,x1,y1' (pixels) or one of "
+                     f"{sorted(CROP_PRESETS)}")
+  x0, y0, x1, y1 = (int(v) for v in match.groups())
+  if x1 <= x0 or y1 <= y0:
+    raise ValueError(f"crop {text!r} is empty: need x0 < x1 and y0 < y1")
+  return CropBox(x0, y0, x1, y1)
+
+
+def crop_image(image: np.ndarray, box: CropBox, source: str = "image"
+               ) -> np.ndarray:
+  """Cuts ``box`` out of ``image`` (scaled to its size if the box has a frame).
+
+  Raises:
+    ValueError: naming ``source`` when the box leaves the image.
+  """
+  height, width = image.shape[:2]
+  x0, y0, x1, y1 = box.x0, box.y0, box.x1, box.y1
+  if box.frame is not None:
+    kx, ky = width / box.frame[0], height / box.frame[1]
+    x0, x1 = (int(round(v * kx)) for v in (x0, x1))
+    y0, y1 = (int(round(v * ky)) for v in (y0, y1))
+    x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)  # Never empty when shrunk.
+  if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+    raise ValueError(f"{source}: crop {x0},{y0},{x1},{y1} does not fit the "
+                     f"{width}x{height} image")
+  return image[y0:y1, x0:x1]
+
+
+@dataclasses.dataclass
+class ShapeTally:
+  """Counts images that a plain resize distorts or rescales.
+
+  Aligned faces are square at the model's size; a 321x386 photo resized to
+  112x112 is squashed without a word unless someone counts.
+
+  Attributes:
+    size: the expected side.
+    num_images: images seen.
+    num_not_square: images whose height and width differ.
+    num_resized: square images of another size.
+    examples: up to 5 ``(source, "WxH")`` of images not square.
+  """
+  size: int = FACE_SIZE
+  num_images: int = 0
+  num_not_square: int = 0
+  num_resized: int = 0
+  examples: list = dataclasses.field(default_factory=list)
+
+  def add(self, shape: tuple[int, ...], source: str = "") -> None:
+    """Counts one image of ``shape`` (``[H, W, ...]``)."""
+    height, width = shape[:2]
+    self.num_images += 1
+    if height != width:
+      self.num_not_square += 1
+      if len(self.examples) < 5:
+        self.examples.append((source, f"{width}x{height}"))
+    elif height != self.size:
+      self.num_resized += 1
+
+  def warning(self) -> str | None:
+    """A one-paragraph warning, or None when every image was as expected."""
+    if not self.num_not_square and not self.num_resized:
+      return None
+    parts = []
+    if self.num_not_square:
+      shown = ", ".join(f"{s} ({d})" if s else d for s, d in self.examples)
+      parts.append(f"{self.num_not_square} of {self.num_images} images are "
+                   f"not square and were squashed to {self.size}x{self.size} "
+                   f"(e.g. {shown}); align them (python -m "
+                   "mtlface_jax.align) or give a crop")
+    if self.num_resized:
+      parts.append(f"{self.num_resized} square images were not "
+                   f"{self.size}x{self.size} and were resized")
+    return "; ".join(parts)
+
+
+def to_face(image: np.ndarray, lfw_style: bool = False,
+            crop: CropBox | None = None,
+            tally: ShapeTally | None = None, source: str = "image"
+            ) -> np.ndarray:
   """Brings a decoded image to the 112x112 face size.
 
   Args:
     image: ``[H, W, 3]`` uint8.
     lfw_style: apply :func:`lfw_crop` (for deep-funneled LFW images) instead
       of a plain resize (for images that are already aligned faces).
+    crop: a box cut out first (see :func:`parse_crop`); not with
+      ``lfw_style``.
+    tally: counts images (after any crop) that are not square or not
+      112x112, so the caller can warn once.
+    source: names the image in errors and the tally.
 
   Returns:
     ``[112, 112, 3]`` uint8.
   """
   if lfw_style:
+    if crop is not None:
+      raise ValueError("give either the LFW crop or a crop box, not both")
     return lfw_crop(image)
+  if crop is not None:
+    image = crop_image(image, crop, source)
+  if tally is not None:
+    tally.add(image.shape, source)
   return resize_image(image, FACE_SIZE)
 
 

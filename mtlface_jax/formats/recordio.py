@@ -35,7 +35,7 @@ import numpy as np
 
 from mtlface_jax.formats import images as images_lib
 from mtlface_jax.formats import lists as lists_lib
-from mtlface_jax.formats import report as report_lib
+from mtlface_jax.formats import parse_report
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -397,24 +397,70 @@ class RecordIOReader:
       yield index, header, payload
 
   def identity_range(self) -> tuple[int, int] | None:
-    """Returns record 0's ``[start, end)`` of identity records, if present."""
+    """Returns record 0's ``[start, end)`` of identity records, if present.
+
+    Only an insightface header record counts: at least two whole-number
+    labels with ``1 <= start <= end`` and no image after them. Files whose
+    record 0 is an ordinary image (e.g. labels ``[id, age, gender]``) have
+    none.
+    """
     if 0 not in self._offsets:
       return None
-    header = self.read_header(0)
-    if header.flag < 2:
+    header, payload = self.read(0)
+    if header.flag < 2 or payload:
       return None
-    start, end = (int(x) for x in header.labels[:2])
-    return start, end
+    start, end = (float(x) for x in header.labels[:2])
+    if start != int(start) or end != int(end) or not 1 <= start <= end:
+      return None
+    return int(start), int(end)
 
-  def image_indices(self) -> list[int]:
+  def missing_records(self) -> list[int]:
+    """Records the insightface header promises that the ``.idx`` lacks.
+
+    Record 0 says the file holds records ``0 .. end-1`` (images, then one
+    header per identity); an ``.idx`` that is shorter (a cut copy, a lost
+    last line) would otherwise drop those records silently.
+
+    Returns:
+      The missing indices, ascending; [] without an insightface header.
+    """
+    id_range = self.identity_range()
+    if id_range is None:
+      return []
+    return [k for k in range(id_range[1]) if k not in self._offsets]
+
+  def image_indices(self, skip_bad_examples: bool = False,
+                    report: parse_report.ParseReport | None = None
+                    ) -> list[int]:
     """Indices of the image records.
 
     With insightface's record 0 these are ``1 .. start-1``; otherwise every
-    indexed record.
+    indexed record. Records that record 0 promises but the ``.idx`` lacks
+    (see :meth:`missing_records`) are an error, or with
+    ``skip_bad_examples`` one skipped entry each in ``report``.
+
+    Raises:
+      RecordIOError: naming both files and both counts, unless skipping.
     """
     id_range = self.identity_range()
     if id_range is None:
       return list(self.keys)
+    missing = self.missing_records()
+    if missing and not skip_bad_examples:
+      shown = ", ".join(map(str, missing[:10])) + (
+          f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+      raise RecordIOError(
+          f"{self.idx_path} indexes {len(self._offsets)} records but record 0 "
+          f"of {self.rec_path} says there are {id_range[1]} (images 1-"
+          f"{id_range[0] - 1}, identity records {id_range[0]}-"
+          f"{id_range[1] - 1}); missing: {shown}. Rebuild the .idx (without "
+          "it the .rec is scanned) or skip the missing records with "
+          "skip_bad_examples")
+    for index in missing:
+      parse_report.handle_bad_entry(
+          f"{self.rec_path}: record {index}",
+          f"not in {self.idx_path} (record 0 says {id_range[1]} records exist)",
+          skip_bad_examples, report)
     return [k for k in self.keys if 1 <= k < id_range[0]]
 
   def close(self) -> None:
@@ -445,7 +491,7 @@ def image_label(header: IRHeader) -> int:
 def iter_images(reader: RecordIOReader,
                 indices: Iterable[int] | None = None,
                 skip_bad_examples: bool = False,
-                report: report_lib.ParseReport | None = None
+                report: parse_report.ParseReport | None = None
                 ) -> Iterator[tuple[int, int, np.ndarray]]:
   """Yields ``(index, label, RGB image)`` for image records.
 
@@ -459,12 +505,14 @@ def iter_images(reader: RecordIOReader,
   Yields:
     ``(record index, identity label, [H, W, 3] uint8 image)``.
   """
-  report = report if report is not None else report_lib.ParseReport()
-  for index in reader.image_indices() if indices is None else indices:
+  report = report if report is not None else parse_report.ParseReport()
+  if indices is None:
+    indices = reader.image_indices(skip_bad_examples, report)
+  for index in indices:
     try:
       header, image = reader.read_image(index)
     except (RecordIOError, KeyError) as e:
-      report_lib.handle_bad_entry(f"{reader.rec_path}: record {index}",
+      parse_report.handle_bad_entry(f"{reader.rec_path}: record {index}",
                                   f"unreadable record: {e}", skip_bad_examples,
                                   report)
       continue
@@ -493,10 +541,10 @@ def parse_scaf_name(name: str) -> tuple[int, int]:
 def join_scaf_list(reader: RecordIOReader,
                    records: Sequence[lists_lib.FaceRecord],
                    skip_bad_examples: bool = False,
-                   report: report_lib.ParseReport | None = None,
+                   report: parse_report.ParseReport | None = None,
                    check_labels: bool = True
                    ) -> tuple[list[lists_lib.FaceRecord],
-                              report_lib.ParseReport]:
+                              parse_report.ParseReport]:
   """Joins an annotation list with the records of a ``.rec``.
 
   The list's file names are ``LLLLLL/IIIIIIII.jpg``: the zero-padded identity
@@ -520,7 +568,7 @@ def join_scaf_list(reader: RecordIOReader,
     ValueError: naming the list entry, for a bad name, a record missing from
       the ``.idx`` or a label mismatch, unless skipping.
   """
-  report = report if report is not None else report_lib.ParseReport()
+  report = report if report is not None else parse_report.ParseReport()
   joined = []
   for record in records:
     where = record.source or record.path
@@ -535,7 +583,7 @@ def join_scaf_list(reader: RecordIOReader,
               f"record {index} of {reader.rec_path} has label {stored}, "
               f"the name says {label}")
     except ValueError as e:
-      report_lib.handle_bad_entry(where, str(e), skip_bad_examples, report)
+      parse_report.handle_bad_entry(where, str(e), skip_bad_examples, report)
       continue
     joined.append(dataclasses.replace(record, index=index))
     report.add_ok()

@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 
 from mtlface_jax.formats import images as images_lib
 from mtlface_jax.formats import lists as lists_lib
-from mtlface_jax.formats import report as report_lib
+from mtlface_jax.formats import parse_report as parse_report_lib
 
 FACE_SHAPE = (images_lib.FACE_SIZE, images_lib.FACE_SIZE, 3)
 
@@ -49,7 +49,7 @@ def face_jpeg(image: np.ndarray, lfw_style: bool = False) -> bytes:
 
 
 def load_face_jpeg(path: str, lfw_style: bool, skip_bad_examples: bool,
-                   report: report_lib.ParseReport) -> bytes | None:
+                   report: parse_report_lib.ParseReport) -> bytes | None:
   """Loads an image file as a 112x112 JPEG, counting it as ok or skipped.
 
   Raises:
@@ -58,21 +58,21 @@ def load_face_jpeg(path: str, lfw_style: bool, skip_bad_examples: bool,
   try:
     jpeg = face_jpeg(images_lib.load_image(path), lfw_style)
   except ValueError as e:
-    report_lib.handle_bad_entry(path, str(e), skip_bad_examples, report)
+    parse_report_lib.handle_bad_entry(path, str(e), skip_bad_examples, report)
     return None
   report.add_ok()
   return jpeg
 
 
-def example_report(parse_report: report_lib.ParseReport
-                  ) -> report_lib.ParseReport:
+def example_report(parse_report: parse_report_lib.ParseReport
+                  ) -> parse_report_lib.ParseReport:
   """A report that keeps the parse skips and counts examples from zero.
 
   Builders parse a list first (skipping bad lines), then load images (which
   may be skipped too); the returned report ends up counting the examples
   actually written and every skip of both stages.
   """
-  return report_lib.ParseReport(skipped=list(parse_report.skipped))
+  return parse_report_lib.ParseReport(skipped=list(parse_report.skipped))
 
 
 def face_example(record: lists_lib.FaceRecord, jpeg: bytes,
@@ -92,7 +92,7 @@ def split_name(stem: str) -> str:
   return re.sub(r"\W", "_", stem)
 
 
-def log_report(name: str, report: report_lib.ParseReport) -> None:
+def log_report(name: str, report: parse_report_lib.ParseReport) -> None:
   """Logs what a builder accepted and skipped."""
   level = logging.WARNING if report.num_skipped else logging.INFO
   logging.log(level, "%s: %s", name, report.summary())

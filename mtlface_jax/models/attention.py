@@ -2,7 +2,7 @@
 
 Splits the last feature map x5 into an age part and an identity part with a
 channel attention (spatial pyramid pooling) and a spatial attention.
-Reference: ARCHITECTURE.md section 2 (CVPR, ``version=1``) and section 10
+Reference: docs/architecture.md section 2 (CVPR, ``version=1``) and section 10
 (released TPAMI model, ``version=2``).
 """
 

@@ -1,6 +1,6 @@
 """The FAS decoder: four upsampling blocks with encoder skips, residual image out.
 
-Reference: ARCHITECTURE.md section 7 ("Decoder").
+Reference: docs/architecture.md section 7 ("Decoder").
 """
 
 from typing import Any, Sequence

@@ -1,6 +1,6 @@
 """Spectral-norm patch discriminator conditioned on the target age group.
 
-Reference: ARCHITECTURE.md section 8. Spectral normalisation follows
+Reference: docs/architecture.md section 8. Spectral normalisation follows
 ``torch.nn.utils.spectral_norm``: one power iteration per training forward,
 ``u``/``v`` kept as state (collection ``'spectral'``), the stored estimate used
 at inference. ``u``/``v`` are kept in PyTorch's layout (the weight viewed as

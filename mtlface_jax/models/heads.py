@@ -1,6 +1,6 @@
 """Heads on top of the encoder: identity embedding, age estimation, CosFace.
 
-Reference: ARCHITECTURE.md sections 3 (output layer), 4 (age estimation
+Reference: docs/architecture.md sections 3 (output layer), 4 (age estimation
 module) and 5 (CosFace).
 """
 

@@ -1,6 +1,6 @@
 """Identity conditional module (ICM): the age-conditioned transform of x_id.
 
-Reference: ARCHITECTURE.md section 7. A fixed 0/1 task router selects, per
+Reference: docs/architecture.md section 7. A fixed 0/1 task router selects, per
 sample, the channels of its target age group; neighbouring groups overlap so
 that weights are shared between adjacent ages.
 """

@@ -1,6 +1,6 @@
 """IR (improved residual) backbones IR-34/50/64/101 with AFD and embedding head.
 
-Reference: ARCHITECTURE.md sections 1-3. The encoder returns its intermediates
+Reference: docs/architecture.md sections 1-3. The encoder returns its intermediates
 as an :class:`EncoderOutputs` structure; the FAS generator consumes x2..x4 and
 x_id from it, the age estimator x_age.
 """
@@ -134,12 +134,3 @@ class Encoder(nn.Module):
     if self.normalize_embedding:
       embedding = heads.l2_normalize(embedding)
     return EncoderOutputs(embedding, x_id, x_age, x1, x2, x3, x4, x5)
-
-
-def encoder_for(config_name: str, dtype: Any = jnp.float32) -> Encoder:
-  """Encoder presets: ``'cvpr'`` (training layout) or ``'tpami'`` (released model)."""
-  if config_name == "cvpr":
-    return Encoder(50, attention_version=1, dropout_rate=0.5, dtype=dtype)
-  if config_name == "tpami":
-    return Encoder(50, attention_version=2, dropout_rate=0.4, normalize_embedding=True, dtype=dtype)
-  raise ValueError(f"unknown encoder preset {config_name!r}; use 'cvpr' or 'tpami'")

@@ -17,7 +17,7 @@ Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
 
-# Reference initialisers (ARCHITECTURE.md sections 1, 4, 7, 8).
+# Reference initialisers (docs/architecture.md sections 1, 4, 7, 8).
 xavier_uniform = nn.initializers.xavier_uniform()
 generator_normal = nn.initializers.normal(stddev=0.01)
 zeros = nn.initializers.zeros

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtlface_jax.models import mtlface
+from mtlface_jax.models import spec as spec_lib
 
 FR_MODULES = ("encoder", "head", "age", "da_age")
 FAS_MODULES = ("generator", "discriminator")
@@ -38,24 +38,9 @@ def active_modules(config) -> tuple[str, ...]:
   return names + (FAS_MODULES if config.train_fas else ())
 
 
-def init_variables(models: mtlface.MTLFaceModels, config, rng: jax.Array) -> dict:
+def init_variables(models: spec_lib.MTLFaceModels, config, rng: jax.Array) -> dict:
   """Initialises the variables of the active modules at the config's image size."""
-  size = config.image_size
-  images = jnp.zeros((1, size, size, 3), jnp.float32)
-  groups = jnp.zeros((1,), jnp.int32)
-  keys = dict(zip(FR_MODULES + FAS_MODULES, jax.random.split(rng, 6)))
-  encoder_vars = models.encoder.init({"params": keys["encoder"], "dropout": keys["encoder"]}, images)
-  out = models.encoder.apply(encoder_vars, images)
-  initialisers = {
-      "encoder": lambda: encoder_vars,
-      "head": lambda: models.head.init(keys["head"], out.embedding),
-      "age": lambda: models.age.init(keys["age"], out.x_age, False),
-      "da_age": lambda: models.da_age.init(keys["da_age"], out.x_id, False),
-      "generator": lambda: models.generator.init(keys["generator"], images, out.x2, out.x3,
-                                                 out.x4, out.x_id, groups),
-      "discriminator": lambda: models.discriminator.init(keys["discriminator"], images, groups),
-  }
-  return {name: flax.core.unfreeze(initialisers[name]()) for name in active_modules(config)}
+  return spec_lib.init_variables(models, config.image_size, active_modules(config), rng)
 
 
 def fr_params(variables: dict) -> dict:

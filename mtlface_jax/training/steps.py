@@ -1,6 +1,6 @@
 """Pure training steps ``(state, batch, rng) -> (state, metrics)``.
 
-The AIFR step (ARCHITECTURE.md section 6), the FAS step (section 9: D first,
+The AIFR step (docs/architecture.md section 6), the FAS step (section 9: D first,
 then G against the updated D, encoder and age estimator frozen in inference
 mode) and the joint step (AIFR then FAS with the current encoder). A step
 whose loss or gradients are not finite leaves every variable and optimizer
@@ -16,7 +16,7 @@ import optax
 
 from mtlface_jax import losses
 from mtlface_jax.models import layers
-from mtlface_jax.models import mtlface
+from mtlface_jax.models import spec as spec_lib
 from mtlface_jax.training import augment as augment_lib
 from mtlface_jax.training import optim
 from mtlface_jax.training import state as state_lib
@@ -221,7 +221,7 @@ def train_step(state: state_lib.TrainState, batch: dict, rng: jax.Array, *, mode
   return state.replace(step=state.step + 1, nonfinite_streak=streak, nonfinite_total=total), metrics
 
 
-def make_train_step(models: mtlface.MTLFaceModels, config, *, fr_tx, g_tx, d_tx,
+def make_train_step(models: spec_lib.MTLFaceModels, config, *, fr_tx, g_tx, d_tx,
                     state_sharding: Any, batch_sharding: Any) -> Callable:
   """Jits :func:`train_step` once, with donated state and explicit shardings."""
   step = functools.partial(train_step, models=models, config=config,

@@ -1,8 +1,8 @@
-"""PyTorch modules (NCHW) of MTLFace, written from ``ARCHITECTURE.md``.
+"""PyTorch modules (NCHW) of MTLFace, written from docs/architecture.md.
 
 They exist so that the JAX port can be checked against an independent
 implementation: their ``state_dict`` keys and shapes equal
-``shared/reference/torch_layouts.json`` exactly (asserted in
+``tests/fixtures/torch_layouts.json`` exactly (asserted in
 ``tests/test_torch_reference.py``), so a file saved from them has the layout of
 the published checkpoints.
 
@@ -11,7 +11,8 @@ CVPR 2021 layout: ``IRBackbone`` (attention v1), ``AgeEstimator``, ``CosFace``,
 TPAMI 2022 released model: ``TPAMIRecognitionModel`` holding an ``IRBackbone``
 with attention v2 and the released embedding head (keys ``encoder.*``) and an
 ``AgeEstimator`` with an ``expectation`` buffer (keys ``age_estimator.*``). The
-StyleGAN2-code branch of the released encoder is not implemented.
+released ageing branch (the encoder's style path and the StyleGAN2 decoder) and
+the whole released model are in ``tpami_torch.py``.
 """
 
 from typing import NamedTuple

@@ -2,12 +2,12 @@
 
 One command (README "Real faces")::
 
-    python -m mtlface_jax.real_recipe --config=configs/real_lfw_utkface.py \
+    python -m mtlface_jax.recipes.lfw_utkface --config=configs/real_lfw_utkface.py \
         --workdir=real_out
 
-builds the shards if ``config.data.shards_dir`` has none
+builds the shards if ``config.data.face_shards.dir`` has none
 (:mod:`mtlface_jax.real_data`), trains AIFR then FAS
-(:mod:`mtlface_jax.training.stages`; both resume), and writes
+(:mod:`mtlface_jax.recipes.stages`; both resume), and writes
 ``workdir/eval/report.json`` / ``report.txt`` / ``roc.png`` and the
 age-progression grid of 8 held-out faces:
 
@@ -28,18 +28,18 @@ from typing import Any, Optional
 import numpy as np
 
 from mtlface_jax import real_data
-from mtlface_jax.evaluation import inference
-from mtlface_jax.evaluation import protocols
-from mtlface_jax.evaluation import report as report_lib
+from mtlface_jax.evaluation import datasets
+from mtlface_jax.evaluation import runner as runner_lib
 from mtlface_jax.evaluation import verification
+from mtlface_jax.recipes import heldout
 
 
-def verify_heldout_lfw(model: inference.ModelRunner,
+def verify_heldout_lfw(model: runner_lib.ModelRunner,
                        shards: real_data.ShardSet) -> verification.VerificationResult:
   """The 10-fold protocol on LFW folds 6-10 only (thresholds from the other held-out folds)."""
   pairs = shards.heldout_pairs()
   used = np.unique(np.concatenate([pairs["index1"], pairs["index2"]]))
-  embeddings = model.embed(inference.array_faces(shards.images(used), model.image_size),
+  embeddings = model.embed(datasets.array_faces(shards.images(used), model.image_size),
                            total=len(used), description="LFW folds 6-10")
   first, second = np.searchsorted(used, pairs["index1"]), np.searchsorted(used, pairs["index2"])
   return verification.evaluate_verification(pairs["issame"], embeddings[first],
@@ -59,16 +59,28 @@ def fas_inputs(shards: real_data.ShardSet, count: int):
   lfw, utk = spread(lfw), spread(utk)
   k = min(len(lfw), len(utk))
   both = np.concatenate([np.column_stack([lfw[:k], utk[:k]]).ravel(), lfw[k:], utk[k:]])
-  return shards.face_set("heldout_faces", both)
+  return datasets.shard_face_set(shards, "heldout_faces", both)
+
+
+def lfw_utkface_heldout(shards: real_data.ShardSet, num_fas_inputs: int = 128) -> heldout.HeldOut:
+  """What the recipe holds out: LFW folds 6-10, UTKFace's 20%, faces of both to age."""
+  utk = datasets.shard_face_set(shards, "utkface_heldout", shards.select("utkface", "heldout"))
+  return heldout.HeldOut(
+      protocol="real_lfw_utkface", verify=lambda runner: verify_heldout_lfw(runner, shards),
+      verification_name="lfw_folds_6_10",
+      verification_source={"source": f"{shards.root} LFW pairs of folds 6-10"},
+      age_faces=utk,
+      fas_faces=fas_inputs(shards, num_fas_inputs) if num_fas_inputs > 0 else None,
+      summary_names=("lfw_heldout", "utkface_heldout"))
 
 
 def evaluate(model, shards: real_data.ShardSet, output_dir, *, batch_size: int = 128,
              num_fas_inputs: int = 128, grid_faces: int = 8, dtype: Optional[str] = None,
              progress: bool = True) -> dict[str, Any]:
-  """Held-out LFW verification, UTKFace age estimation and FAS.
+  """Held-out LFW verification, UTKFace age estimation and FAS (``heldout.evaluate``).
 
   Args:
-    model: a checkpoint directory or an ``evaluation.loading.LoadedModel``.
+    model: a checkpoint directory or a ``predict.LoadedModel``.
     shards: the prepared shards.
     output_dir: where report.json/report.txt/roc.png and the grid go.
     batch_size: images per device call.
@@ -78,36 +90,12 @@ def evaluate(model, shards: real_data.ShardSet, output_dir, *, batch_size: int =
     progress: show progress bars.
 
   Returns:
-    The JSON-ready report; ``summary`` holds the headline numbers.
+    The JSON-ready report; ``summary`` holds ``lfw_heldout_accuracy``,
+    ``utkface_heldout_mae``, ``fas_age_accuracy``, ...
   """
-  loaded = protocols.as_loaded(model, dtype=dtype)
-  runner = inference.ModelRunner(loaded, batch_size=batch_size, flip=True, progress=progress)
-  report = protocols.new_report("real_lfw_utkface", loaded.info,
-                                {"batch_size": batch_size, "flip": True,
-                                 "num_fas_inputs": num_fas_inputs, "shards": str(shards.root)})
-  result = verify_heldout_lfw(runner, shards)
-  protocols.add_result(report, "verification", "lfw_folds_6_10", result,
-                       {"source": f"{shards.root} LFW pairs of folds 6-10",
-                        "num_pairs": result.num_pairs})
-  summary = {"lfw_heldout_accuracy": result.accuracy_mean,
-             "lfw_heldout_accuracy_std": result.accuracy_std, "lfw_heldout_auc": result.auc}
-  utk = shards.face_set("utkface_heldout", shards.select("utkface", "heldout"))
-  age = protocols.estimate_age(runner, utk)
-  protocols.add_result(report, "age", "utkface_heldout", age, utk.summary())
-  summary.update(utkface_heldout_mae=age.mae, utkface_heldout_group_accuracy=age.group_accuracy)
-  if "generator" in loaded.variables and num_fas_inputs > 0:
-    faces = fas_inputs(shards, num_fas_inputs)
-    outcome = protocols.face_age_synthesis(runner, faces, runner, runner, output_dir,
-                                           grid_rows=grid_faces, grid_faces=grid_faces)
-    protocols.add_result(report, "fas", "heldout_faces",
-                         protocols.fas_entry(outcome, "checkpoint", "checkpoint", "head"),
-                         faces.summary())
-    summary.update(fas_age_accuracy=outcome["result"].age_accuracy,
-                   fas_identity_preservation=outcome["result"].identity_preservation,
-                   grid_png=outcome["grids"][0] if outcome["grids"] else None)
-  report["summary"] = summary
-  protocols.write_report(report, output_dir)
-  return report_lib.to_jsonable(report)
+  return heldout.evaluate(model, lfw_utkface_heldout(shards, num_fas_inputs), output_dir,
+                          batch_size=batch_size, dtype=dtype, grid_rows=grid_faces,
+                          progress=progress)
 
 
 def run(config, workdir, *, progress: bool = True) -> dict[str, Any]:
@@ -121,14 +109,14 @@ def run(config, workdir, *, progress: bool = True) -> dict[str, Any]:
   Returns:
     The evaluation report with ``timings`` (also in ``workdir/eval/report.json``).
   """
-  from mtlface_jax.training import stages  # pylint: disable=g-import-not-at-top
+  from mtlface_jax.recipes import stages  # pylint: disable=g-import-not-at-top
   start, workdir = time.time(), Path(workdir)
-  data = config.data
-  if not (Path(data.shards_dir) / real_data.MANIFEST).is_file():
-    real_data.prepare(data.lfw_dir, data.utkface_dir, data.shards_dir, seed=data.split_seed,
+  data = config.data.face_shards
+  if not (Path(data.dir) / real_data.MANIFEST).is_file():
+    real_data.prepare(data.lfw_dir, data.utkface_dir, data.dir, seed=data.split_seed,
                       train_fraction=data.utkface_train_fraction, progress=progress)
   timings = {"prepare_s": time.time() - start}
-  shards = real_data.ShardSet(data.shards_dir)
+  shards = real_data.ShardSet(data.dir)
   timings.update(stages.train_aifr_then_fas(config, workdir))
   before_eval = time.time()
   report = evaluate(str(workdir / "fas"), shards, workdir / "eval", progress=progress)
@@ -151,6 +139,6 @@ if __name__ == "__main__":
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   _CONFIG = config_flags.DEFINE_config_file("config", "configs/real_lfw_utkface.py",
-                                            "Recipe config.")
+                                            "Recipe config.", lock_config=True)
   _WORKDIR = flags.DEFINE_string("workdir", "real_out", "Output directory.")
   app.run(main)
