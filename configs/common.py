@@ -65,6 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.fas_optim.g_lr = 1e-4
   c.fas_optim.b1 = 0.5   # reference code; the supplementary text says 0.9
   c.fas_optim.b2 = 0.99
+  c.fas_optim.decay = "constant"  # reference; "linear": to 0 over the FAS run
 
   # Training data: ``data.name`` picks the source (mtlface_jax/data_sources.py);
   # each source reads only its own section, named like it.

@@ -12,6 +12,7 @@ from mtlface_jax import losses
 from mtlface_jax.models import discriminator as disc_lib
 from mtlface_jax.training import augment
 from mtlface_jax.training import loop
+from mtlface_jax.training import optim
 from mtlface_jax import batch as batch_lib
 
 
@@ -83,3 +84,26 @@ def test_fas_runs_with_every_departure(tmp_path):
   assert all(np.isfinite(r["fas/g_loss"]) and np.isfinite(r["fas/g_rec"]) for r in records)
   # Uniform D logits at the start: its loss begins near log(G + 1).
   assert records[0]["fas/d_loss"] == pytest.approx(np.log(8), rel=0.2)
+
+
+def test_fas_learning_rate_decay():
+  config = tiny.get_config()
+  params = {"w": jnp.ones(3)}
+  grads = {"w": jnp.ones(3)}
+
+  def first_and_last_step(decay, num_iter=4):
+    with config.unlocked():
+      config.fas_optim.decay = decay
+    generator, _ = optim.fas_optimizers(config.fas_optim, num_iter)
+    state, moves = generator.init(params), []
+    for _ in range(num_iter):
+      updates, state = generator.update(grads, state, params)
+      moves.append(float(jnp.abs(updates["w"][0])))
+    return moves[0], moves[-1]
+
+  lr = config.fas_optim.g_lr
+  assert first_and_last_step("constant") == pytest.approx((lr, lr), rel=1e-3)
+  first, last = first_and_last_step("linear")
+  assert first == pytest.approx(lr, rel=1e-3) and last == pytest.approx(lr / 4, rel=1e-3)
+  with pytest.raises(ValueError, match="decay"):
+    first_and_last_step("cosine")
