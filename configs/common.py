@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.icm_unit_count = 128
   c.model.decoder_features = (256, 128, 64, 32)
   c.model.discriminator_features = (64, 128, 256, 512, 512)
+  # "concat" (reference: one-hot target group after conv1, LSGAN real/fake) or
+  # "classifier" (G age groups + "synthesized" per patch; see discriminator.py).
+  c.model.discriminator_conditioning = "concat"
   c.model.dropout_rate = 0.5
   # "cvpr" (ICM + decoder generator) or "tpami" (style path + StyleGAN2 decoder,
   # configs/fas_tpami.py); models/spec.py builds the family's generator.
@@ -58,6 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.fas_tpami_rec_loss_weight = 1.0
   c.fas_tpami_rec_norm = "l2"
   c.fas_tpami_latent_reg_weight = 0.01
+  # Not in the reference (0 / "" keep it exact): L1(G(x, own group), x) on the
+  # samples drawn with their own group as target, and the discriminator's
+  # input augmentation ("translation", "cutout", comma-separated).
+  c.fas_rec_loss_weight = 0.0
+  c.fas_d_augment = ""
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 0.1             # reference --learning_rate
@@ -73,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.fas_optim.g_lr = 1e-4
   c.fas_optim.b1 = 0.5   # reference code; the supplementary text says 0.9
   c.fas_optim.b2 = 0.99
+  c.fas_optim.decay = "constant"  # reference; "linear": to 0 over the FAS run
 
   # Training data: ``data.name`` picks the source (mtlface_jax/data_sources.py);
   # each source reads only its own section, named like it.

@@ -75,3 +75,43 @@ def feature_mse(*, source: jax.Array, target: jax.Array) -> jax.Array:
 def accuracy(*, logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Top-1 accuracy over samples with ``labels >= 0``."""
   return masked_mean(jnp.argmax(logits, axis=-1) == labels, labels >= 0)
+
+
+def patch_classification_loss(*, logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy of every patch's logits against its image's label.
+
+  Args:
+    logits: [N, h, w, K] per-patch logits.
+    labels: [N] integer labels in [0, K).
+
+  Returns:
+    Scalar mean over images and patches.
+  """
+  labels = jnp.broadcast_to(labels[:, None, None], logits.shape[:3])
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels))
+
+
+def classifier_discriminator_loss(*, real_logits: jax.Array, fake_logits: jax.Array,
+                                  real_groups: jax.Array) -> jax.Array:
+  """0.5 * (CE(D(real), its age group) + CE(D(fake), the "synthesized" class G)).
+
+  For the ``classifier`` discriminator: G + 1 logits per patch, the last one
+  the "synthesized" class.
+  """
+  num_groups = real_logits.shape[-1] - 1
+  fake_class = jnp.full(fake_logits.shape[:1], num_groups, jnp.int32)
+  return 0.5 * (patch_classification_loss(logits=real_logits, labels=real_groups)
+                + patch_classification_loss(logits=fake_logits, labels=fake_class))
+
+
+def classifier_generator_loss(*, fake_logits: jax.Array, target_groups: jax.Array) -> jax.Array:
+  """CE(D(fake), target group): the fake must pass for a real face of its target group."""
+  return patch_classification_loss(logits=fake_logits, labels=target_groups)
+
+
+def masked_l1(*, source: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean |source - target| over the images where ``mask`` [N] is true (0 if none)."""
+  per_image = jnp.mean(jnp.abs(source.astype(jnp.float32) - target.astype(jnp.float32)),
+                       axis=tuple(range(1, source.ndim)))
+  return masked_mean(per_image, mask)

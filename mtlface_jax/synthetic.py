@@ -32,6 +32,8 @@ import os
 
 import numpy as np
 
+from mtlface_jax import ages as ages_lib
+
 IMAGE_SIZE = 112
 MAX_AGE = 80
 _F32 = np.float32
@@ -125,12 +127,28 @@ class IdentityParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class RenderFactors:
+  """Everything but the age that decides each image of a split.
+
+  ``render_with_nuisance(identities.take(i), age, take_nuisance(nuisance, i))``
+  redraws image ``i`` at any age with the same identity, pose, light,
+  background and noise (see :func:`render_truth`).
+  """
+  identities: IdentityParams       # One row per image.
+  nuisance: dict[str, np.ndarray]  # From sample_nuisance, one row per image.
+
+  def __len__(self) -> int:
+    return len(self.identities)
+
+
+@dataclasses.dataclass(frozen=True)
 class SplitArrays:
-  """One split of rendered faces with labels."""
+  """One split of rendered faces with labels (and the factors behind them)."""
   images: np.ndarray   # uint8 [N, 112, 112, 3].
   ids: np.ndarray      # int32 [N].
   ages: np.ndarray     # float32 [N], whole years in [0, max_age].
   genders: np.ndarray  # int32 [N], 1 male, 0 female.
+  factors: RenderFactors | None = None  # None for splits built by hand.
 
   def __len__(self) -> int:
     return len(self.ids)
@@ -492,6 +510,14 @@ class _Canvas:
                             self.noise_offset[:, 1], size, size)
     self.grain = self.grain * _col(nuisance['noise_sigma'])
     self.face = np.zeros((len(self.cx), size, size), _F32)
+    # Hair coverage (front and back hair), for the masks of render_truth.
+    self.hair = np.zeros((len(self.cx), size, size), _F32)
+
+  def add_hair(self, surface: _Surface, alpha: np.ndarray) -> None:
+    """Records hair coverage ``alpha`` drawn on a window ``surface``."""
+    rows, cols = surface.box
+    window = self.hair[:, rows, cols]
+    np.maximum(window, alpha, out=window)
 
   def window(self, umin, umax, vmin, vmax, margin: float = 1.5):
     """A view surface covering a canonical box in every image (or None)."""
@@ -601,19 +627,23 @@ def _draw_back_hair(cv: _Canvas, hair, geo) -> None:
   if s is None:
     return
   # Only below the crown: above it the front hair's cap covers the same area.
+  # Every layer ends at its own canonical extent, never at the edge of the
+  # chunk's shared window, so an image does not depend on its chunk-mates.
   rounded = _ramp((_col(back_len) - s.v) * 0.15) ** 0.5 * _col(back_len > -50)
+  rounded *= _ramp(s.v + 0.5)
   alpha = _ramp(_col(wide) + 0.5 - np.abs(s.u))
   alpha = alpha * (rounded * _col(hair['alpha']))
   s.blend(alpha, geo['hair'] * 0.7)
+  cv.add_hair(s, alpha)
 
 
 def _draw_neck_and_shirt(cv: _Canvas, geo, nu) -> None:
   """Neck (a shaded column below the jaw) and shoulders in a shirt colour."""
-  half = geo['width'] * 0.5
-  s = cv.window(-half.max(), half.max(), (geo['bottom'] * 0.55).min(), 90)
+  half, neck_top = geo['width'] * 0.5, geo['bottom'] * 0.55
+  s = cv.window(-half.max(), half.max(), neck_top.min(), 90)
   if s is not None:
-    s.blend(_ramp(_col(half) + 0.5 - np.abs(s.u)) * np.ones_like(s.v),
-            geo['skin'] * 0.74)
+    s.blend(_ramp(_col(half) + 0.5 - np.abs(s.u))
+            * _ramp(s.v - _col(neck_top) + 0.5), geo['skin'] * 0.74)
   top = geo['bottom'] + 7
   s = cv.window(-90, 90, top.min() - 2, 90)
   if s is not None:
@@ -824,6 +854,7 @@ def _draw_beard(cv: _Canvas, geo, nu) -> None:
   # Below a line from the mouth corners rising to the sideburns.
   cheek_line = _col(mv + 1) - np.maximum(du - _col(mw), 0) * 0.9
   region = np.maximum(_sat((s.v - cheek_line) * 0.4), moustache)
+  region *= _ramp(s.v - _col(nv) + 0.5)  # Ends at the patch's own top.
   region *= _sat(0.8 + 0.2 * cv.crops('blotchy', s))
   region *= s.face * _col(beard)
   s.blend(region, hair * 0.85)
@@ -900,8 +931,14 @@ def _draw_mouth(cv: _Canvas, geo, nu) -> None:
 def _draw_front_hair(cv: _Canvas, hair, geo, p: IdentityParams) -> None:
   """Hair on top of the head and at the sides, in front of the face."""
   wide, tall, side_len = hair['wide'], hair['tall'], hair['side_len']
+  # The lowest hairline any image can have (part, arch and the strands at
+  # |du| <= 1.2 pushing it down): the window reaches it for every image, so
+  # no image's hair is cut at the edge of a window sized by its chunk-mates.
+  lowest = (np.maximum(geo['hairline'], np.minimum(side_len, -4))
+            + 1.2 * (6 * np.abs(p.hair_part) + 1.2 * p.hair_arch)
+            + 1.2 * _texture_banks()['streaks'].max() + 0.5)
   s = cv.window(-wide.max() - 1, wide.max() + 1, -tall.max() - 1,
-                max(side_len.max(), 0) + 1)
+                max(side_len.max(), lowest.max(), 0) + 1)
   u, v = s.u, s.v
   du, dv = u / _col(wide), v / _col(tall)
   f = du * du + dv * dv
@@ -931,6 +968,7 @@ def _draw_front_hair(cv: _Canvas, hair, geo, p: IdentityParams) -> None:
   sides *= np.where(v < 0, cap, 1)
   alpha = np.maximum(top, sides)
   alpha *= _col(hair['alpha'])
+  cv.add_hair(s, alpha)
   streaks *= 0.07
   streaks += 1
   s.blend(alpha, geo['hair'], texture=streaks)
@@ -953,8 +991,13 @@ def _finish(cv: _Canvas, nu, out: np.ndarray) -> None:
     out[..., c] = channel
 
 
-def _render_chunk(p: IdentityParams, geo, nu, out: np.ndarray) -> None:
-  """Draws one chunk of faces, back to front, into ``out`` (uint8)."""
+def _render_chunk(p: IdentityParams, geo, nu, out: np.ndarray,
+                  masks: np.ndarray | None = None) -> None:
+  """Draws one chunk of faces, back to front, into ``out`` (uint8).
+
+  ``masks`` (float32 [B, 2, H, W]), when given, receives the face alpha and
+  the hair coverage.
+  """
   cv = _Canvas(nu)
   hair = _hair_shape(p, geo)
   _draw_background(cv, nu)
@@ -972,6 +1015,8 @@ def _render_chunk(p: IdentityParams, geo, nu, out: np.ndarray) -> None:
   _draw_mouth(cv, geo, nu)
   _draw_front_hair(cv, hair, geo, p)
   _finish(cv, nu, out)
+  if masks is not None:
+    masks[:, 0], masks[:, 1] = cv.face, cv.hair
 
 
 def default_num_threads() -> int:
@@ -1013,7 +1058,8 @@ def _keep_freed_memory() -> bool:
 
 def render_with_nuisance(identity_params: IdentityParams, ages,
                          nuisance: dict[str, np.ndarray],
-                         num_threads: int | None = None) -> np.ndarray:
+                         num_threads: int | None = None,
+                         return_masks: bool = False):
   """Renders faces from fully specified factors (no randomness inside).
 
   Args:
@@ -1022,9 +1068,13 @@ def render_with_nuisance(identity_params: IdentityParams, ages,
     nuisance: per-image nuisance from :func:`sample_nuisance`.
     num_threads: rendering threads (default: all CPUs). The result does not
       depend on it.
+    return_masks: also return the renderer's masks.
 
   Returns:
-    uint8 [N, 112, 112, 3] RGB images.
+    uint8 [N, 112, 112, 3] RGB images; with ``return_masks`` the pair
+    ``(images, masks)`` where masks is float32 [N, 2, 112, 112] in [0, 1]:
+    channel 0 the face's alpha (skin of the head, under any hair), channel 1
+    the hair's coverage (front and back hair; 0 where bald).
   """
   ages = np.asarray(ages, _F32).reshape(-1)
   n = len(ages)
@@ -1038,6 +1088,8 @@ def render_with_nuisance(identity_params: IdentityParams, ages,
   _keep_freed_memory()
   geo = _age_geometry(identity_params, ages)
   out = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+  masks = (np.empty((n, 2, IMAGE_SIZE, IMAGE_SIZE), _F32) if return_masks
+           else None)
   # Chunks of similar style and age skip more layers and have tighter
   # windows; the drawing order does not change any image.
   order = np.lexsort((ages, identity_params.hair_style))
@@ -1045,10 +1097,14 @@ def render_with_nuisance(identity_params: IdentityParams, ages,
 
   def render(index: np.ndarray) -> None:
     chunk_out = np.empty((len(index),) + out.shape[1:], np.uint8)
+    chunk_masks = None if masks is None else masks[index]
     _render_chunk(identity_params.take(index),
                   {k: v[index] for k, v in geo.items()},
-                  {k: v[index] for k, v in nuisance.items()}, chunk_out)
+                  {k: v[index] for k, v in nuisance.items()}, chunk_out,
+                  chunk_masks)
     out[index] = chunk_out
+    if masks is not None:
+      masks[index] = chunk_masks
 
   threads = num_threads or default_num_threads()
   if threads == 1 or len(chunks) <= 1:
@@ -1057,7 +1113,7 @@ def render_with_nuisance(identity_params: IdentityParams, ages,
   else:
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
       list(pool.map(render, chunks))  # list() re-raises worker exceptions.
-  return out
+  return (out, masks) if return_masks else out
 
 
 def render_faces(identity_params: IdentityParams, ages,
@@ -1076,6 +1132,83 @@ def render_faces(identity_params: IdentityParams, ages,
   """
   nuisance = sample_nuisance(len(np.asarray(ages).reshape(-1)), rng)
   return render_with_nuisance(identity_params, ages, nuisance, num_threads)
+
+
+@dataclasses.dataclass(frozen=True)
+class TruthRendering:
+  """Faces of a split redrawn at other ages, with the renderer's masks.
+
+  Row n, column a is image ``indices[n]`` of the split at ``ages[n, a]``: the
+  same identity, pose, expression, light, background and sensor noise.
+  """
+  images: np.ndarray  # uint8 [N, A, 112, 112, 3].
+  face: np.ndarray    # float32 [N, A, 112, 112]: face alpha in [0, 1].
+  hair: np.ndarray    # float32 [N, A, 112, 112]: hair coverage in [0, 1].
+  ages: np.ndarray    # float32 [N, A].
+
+
+def take_nuisance(nuisance: dict[str, np.ndarray], index) -> dict[str, np.ndarray]:
+  """Rows ``index`` of every per-image nuisance array."""
+  return {k: v[index] for k, v in nuisance.items()}
+
+
+def render_truth(split: SplitArrays, indices, ages,
+                 num_threads: int | None = None) -> TruthRendering:
+  """Redraws faces of ``split`` at other ages: the ground truth of age synthesis.
+
+  Args:
+    split: a split from :func:`make_dataset` (it carries its factors).
+    indices: [N] images of the split.
+    ages: [A] ages for every image, or [N, A] per image, in [0, 120]. Drawing
+      image i at ``split.ages[i]`` reproduces ``split.images[i]``.
+    num_threads: rendering threads (no effect on the output).
+
+  Returns:
+    A :class:`TruthRendering` with N x A faces and masks.
+
+  Raises:
+    ValueError: if the split has no factors (built by hand) or the shapes
+      disagree.
+  """
+  if split.factors is None:
+    raise ValueError('this split carries no render factors; build it with '
+                     'make_dataset to redraw its faces')
+  indices = np.asarray(indices, np.int64).reshape(-1)
+  ages = np.asarray(ages, _F32)
+  if ages.ndim == 1:
+    ages = np.broadcast_to(ages, (len(indices), len(ages)))
+  if ages.ndim != 2 or ages.shape[0] != len(indices):
+    raise ValueError(f'ages must be [A] or [N={len(indices)}, A], got '
+                     f'{ages.shape}')
+  columns = ages.shape[1]
+  rows = np.repeat(indices, columns)  # Image-major: row n, then its ages.
+  images, masks = render_with_nuisance(
+      split.factors.identities.take(rows), ages.reshape(-1),
+      take_nuisance(split.factors.nuisance, rows), num_threads,
+      return_masks=True)
+  shape = (len(indices), columns)
+  return TruthRendering(
+      images=images.reshape(shape + images.shape[1:]),
+      face=masks[:, 0].reshape(shape + masks.shape[2:]),
+      hair=masks[:, 1].reshape(shape + masks.shape[2:]),
+      ages=np.array(ages, _F32))
+
+
+def group_centre_ages(num_groups: int = 7, max_age: int = MAX_AGE) -> np.ndarray:
+  """The middle age of each age group, the oldest group ending at ``max_age``.
+
+  Group g covers ages in (t[g-1], t[g]] (``ages.thresholds_for``), the first
+  from 0: for 7 groups and max_age 80, 5, 15, 25, 35, 45, 55 and 70.
+
+  Returns:
+    float32 [num_groups].
+  """
+  thresholds = ages_lib.thresholds_for(num_groups)
+  if max_age <= thresholds[-1]:
+    raise ValueError(f'max_age {max_age} leaves the oldest group '
+                     f'(> {thresholds[-1]}) empty')
+  bounds = np.array((0,) + tuple(thresholds) + (max_age,), _F32)
+  return (bounds[:-1] + bounds[1:]) / 2
 
 
 def stratified_ages(num_identities: int, images_per_identity: int,
@@ -1102,9 +1235,11 @@ def _split(identities: IdentityParams, ages: np.ndarray, id_range: range,
                   ages.shape[1])
   split_ages = ages[id_range.start:id_range.stop].reshape(-1)
   params = identities.take(ids)
-  images = render_faces(params, split_ages, rng, num_threads)
+  nuisance = sample_nuisance(len(split_ages), rng)
+  images = render_with_nuisance(params, split_ages, nuisance, num_threads)
   return SplitArrays(images=images, ids=ids, ages=split_ages.astype(_F32),
-                     genders=params.gender.astype(np.int32))
+                     genders=params.gender.astype(np.int32),
+                     factors=RenderFactors(params, nuisance))
 
 
 def make_dataset(num_identities: int = 1000, images_per_identity: int = 20,

@@ -81,7 +81,8 @@ class ModelSpec:
     head_s: CosFace scale.
     head_m: CosFace margin.
     generator: the family's generator fields; None for no generator.
-    discriminator: ``{'features': [...]}``; None for no discriminator.
+    discriminator: ``{'features': [...], 'conditioning': "concat" | "classifier"}``;
+      None for no discriminator.
   """
   family: str = "cvpr"
   image_size: int = REFERENCE_IMAGE_SIZE
@@ -147,7 +148,8 @@ def from_config(config) -> ModelSpec:
                    age_group=int(config.age_group), encoder=encoder,
                    num_classes=int(m.num_classes), head_s=float(config.head_s),
                    head_m=float(config.head_m), generator=generator,
-                   discriminator={"features": list(m.discriminator_features)})
+                   discriminator={"features": list(m.discriminator_features),
+                                  "conditioning": m.get("discriminator_conditioning", "concat")})
 
 
 def config_from_meta(meta: dict):
@@ -238,7 +240,8 @@ def build(spec: ModelSpec, dtype: str = "float32") -> MTLFaceModels:
           if spec.num_classes else None)
   age = heads.AgeEstimator(spec.age_group, dtype=jnp.float32)
   discriminator = (discriminator_lib.PatchDiscriminator(
-      spec.age_group, features=tuple(spec.discriminator["features"]), dtype=compute)
+      spec.age_group, features=tuple(spec.discriminator["features"]),
+      conditioning=spec.discriminator.get("conditioning", "concat"), dtype=compute)
                    if spec.discriminator else None)
   return MTLFaceModels(encoder=encoder, head=head, age=age, da_age=age,
                        generator=_generator(spec, compute), discriminator=discriminator)

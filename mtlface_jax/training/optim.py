@@ -55,10 +55,34 @@ def aifr_optimizer(optim_config) -> optax.GradientTransformation:
                      optax.sgd(schedule, momentum=optim_config.momentum))
 
 
-def fas_optimizers(fas_config) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
-  """Adam for the generator and the discriminator (fixed learning rates)."""
-  generator = optax.adam(fas_config.g_lr, b1=fas_config.b1, b2=fas_config.b2)
-  discriminator = optax.adam(fas_config.d_lr, b1=fas_config.b1, b2=fas_config.b2)
+FAS_DECAYS = ("constant", "linear")
+
+
+def fas_optimizers(fas_config, num_iter: int = 0
+                   ) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+  """Adam for the generator and the discriminator.
+
+  Args:
+    fas_config: ``config.fas_optim``; ``decay`` "constant" (the reference's
+      fixed learning rates) or "linear" (to 0 at step ``num_iter``: a short
+      run ends on a settled generator instead of a snapshot of the GAN's
+      oscillation).
+    num_iter: steps of the run (for "linear").
+
+  Returns:
+    ``(generator, discriminator)`` optimizers.
+  """
+  decay = fas_config.get("decay", "constant")
+  if decay not in FAS_DECAYS:
+    raise ValueError(f"fas_optim.decay must be one of {FAS_DECAYS}, got {decay!r}")
+  if decay == "linear" and num_iter < 1:
+    raise ValueError(f"fas_optim.decay 'linear' needs num_iter >= 1, got {num_iter}")
+
+  def rate(lr):
+    return optax.linear_schedule(lr, 0.0, num_iter) if decay == "linear" else lr
+
+  generator = optax.adam(rate(fas_config.g_lr), b1=fas_config.b1, b2=fas_config.b2)
+  discriminator = optax.adam(rate(fas_config.d_lr), b1=fas_config.b1, b2=fas_config.b2)
   return generator, discriminator
 
 
@@ -71,5 +95,5 @@ class Optimizers(NamedTuple):
 
 def optimizers_from_config(config) -> Optimizers:
   """The optimizers of a training config (``optim`` and ``fas_optim``)."""
-  generator, discriminator = fas_optimizers(config.fas_optim)
+  generator, discriminator = fas_optimizers(config.fas_optim, config.num_iter)
   return Optimizers(aifr_optimizer(config.optim), generator, discriminator)

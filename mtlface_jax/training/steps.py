@@ -17,6 +17,7 @@ import optax
 from mtlface_jax import losses
 from mtlface_jax.models import layers
 from mtlface_jax.models import spec as spec_lib
+from mtlface_jax.training import augment as augment_lib
 from mtlface_jax.training import optim
 from mtlface_jax.training import state as state_lib
 
@@ -90,10 +91,15 @@ def _frozen_encode(models, variables, images):
 def fas_update(state: state_lib.TrainState, batch, rng, *, models, config,
                g_tx: optax.GradientTransformation,
                d_tx: optax.GradientTransformation) -> tuple[state_lib.TrainState, Metrics, jax.Array]:
-  """One FAS iteration: D update, then G update against the updated D."""
-  del rng  # The FAS step is deterministic given the batch (targets come with it).
+  """One FAS iteration: D update, then G update against the updated D.
+
+  ``rng`` only drives the discriminator's input augmentation
+  (``config.fas_d_augment``); without it the step is deterministic given the
+  batch (targets come with it).
+  """
   v = state.variables
   target = batch["target_group"]
+  d_rng, g_rng = jax.random.split(rng)
   source = jax.tree_util.tree_map(jax.lax.stop_gradient,
                                   _frozen_encode(models, v, batch["image"]))
 
@@ -105,13 +111,14 @@ def fas_update(state: state_lib.TrainState, batch, rng, *, models, config,
   # One generator forward serves both updates: keep its VJP for the G step.
   fake, generator_vjp, g_stats = jax.vjp(generate, v["generator"]["params"], has_aux=True)
   d_loss, spectral, d_grads = _discriminator_grads(
-      models, v["discriminator"], batch["target_image"], jax.lax.stop_gradient(fake), target)
+      models, config, v["discriminator"], batch["target_image"], jax.lax.stop_gradient(fake),
+      target, d_rng)
   d_updates, d_opt = d_tx.update(d_grads, state.opt_states["d"], v["discriminator"]["params"])
   d_params = optax.apply_updates(v["discriminator"]["params"], d_updates)
 
   g_loss_fn = functools.partial(_generator_loss, models=models, config=config, variables=v,
                                 d_variables={"params": d_params, "spectral": spectral},
-                                source_id=source.x_id, target=target)
+                                batch=batch, source_id=source.x_id, rng=g_rng)
   (g_loss, (spectral, metrics)), fake_grad = jax.value_and_grad(g_loss_fn, has_aux=True)(fake)
   (g_grads,) = generator_vjp(fake_grad)
   g_updates, g_opt = g_tx.update(g_grads, state.opt_states["g"], v["generator"]["params"])
@@ -129,32 +136,54 @@ def fas_update(state: state_lib.TrainState, batch, rng, *, models, config,
   return state.replace(variables=variables, opt_states=opt_states), metrics, finite
 
 
-def _discriminator_grads(models, d_vars, real, fake, target):
-  """LSGAN D loss and gradient; real and fake share one forward (one power iteration)."""
+def _classifier_d(models) -> bool:
+  """Whether the discriminator classifies age groups + "synthesized" (see discriminator.py)."""
+  return models.discriminator.conditioning == "classifier"
+
+
+def _discriminator_grads(models, config, d_vars, real, fake, target, rng):
+  """D loss and gradient; real and fake share one forward (one power iteration).
+
+  ``real`` are real faces OF the target groups (the batch's target images).
+  """
+  images = augment_lib.augment(jnp.concatenate([real, fake]), rng,
+                               augment_lib.parse_policy(config.fas_d_augment))
+
   def loss_fn(d_params):
     scores, updates = models.discriminator.apply(
-        {"params": d_params, "spectral": d_vars["spectral"]}, jnp.concatenate([real, fake]),
+        {"params": d_params, "spectral": d_vars["spectral"]}, images,
         jnp.concatenate([target, target]), train=True, mutable=["spectral"])
     real_scores, fake_scores = jnp.split(scores, 2)
-    loss = losses.lsgan_discriminator_loss(real_scores=real_scores, fake_scores=fake_scores)
+    if _classifier_d(models):
+      loss = losses.classifier_discriminator_loss(real_logits=real_scores,
+                                                  fake_logits=fake_scores, real_groups=target)
+    else:
+      loss = losses.lsgan_discriminator_loss(real_scores=real_scores, fake_scores=fake_scores)
     return loss, updates["spectral"]
 
   (loss, spectral), grads = jax.value_and_grad(loss_fn, has_aux=True)(d_vars["params"])
   return loss, spectral, grads
 
 
-def _generator_loss(fake, *, models, config, variables, d_variables, source_id, target):
-  """w_gan * LSGAN + w_id * MSE(x_id) + w_age * CE(age group of fake, target)."""
-  scores, d_updates = models.discriminator.apply(d_variables, fake, target, train=True,
+def _generator_loss(fake, *, models, config, variables, d_variables, batch, source_id, rng):
+  """w_gan * adversarial + w_id * MSE(x_id) + w_age * CE(age group of fake, target)
+  (+ w_rec * L1(fake, input) on the samples whose target is their own group)."""
+  target = batch["target_group"]
+  seen = augment_lib.augment(fake, rng, augment_lib.parse_policy(config.fas_d_augment))
+  scores, d_updates = models.discriminator.apply(d_variables, seen, target, train=True,
                                                  mutable=["spectral"])
   fake_out = _frozen_encode(models, variables, fake)
   age_out = models.age.apply(variables["age"], fake_out.x_age.astype(jnp.float32), False)
-  gan = losses.lsgan_generator_loss(fake_scores=scores)
+  if _classifier_d(models):
+    gan = losses.classifier_generator_loss(fake_logits=scores, target_groups=target)
+  else:
+    gan = losses.lsgan_generator_loss(fake_scores=scores)
   identity = losses.feature_mse(source=source_id, target=fake_out.x_id)
   age = losses.classification_loss(logits=age_out.group_logits, labels=target)
+  rec = losses.masked_l1(source=fake, target=batch["image"], mask=target == batch["group"])
   loss = (config.fas_gan_loss_weight * gan + config.fas_id_loss_weight * identity
-          + config.fas_age_loss_weight * age)
-  metrics = {"fas/g_gan": gan, "fas/g_id": identity, "fas/g_age": age,
+          + config.fas_age_loss_weight * age + config.fas_rec_loss_weight * rec)
+  metrics = {"fas/g_gan": gan, "fas/g_id": identity, "fas/g_age": age, "fas/g_rec": rec,
              "fas/age_acc": losses.accuracy(logits=age_out.group_logits, labels=target)}
   return loss, (d_updates["spectral"], metrics)
 
