@@ -212,6 +212,11 @@ def test_evaluate_synthetic_in_process_and_from_path(loaded, workdir, data, tmp_
   assert report["verification"]["synthetic"]["num_pairs"] == len(data.pairs)
   assert report["age"]["synthetic_test"]["num_samples"] == len(data.test)
   assert report["fas"]["synthetic_test"]["num_samples"] == 3 * 7
+  # The procedural faces' truth: scored and drawn (synthesized rows over truth rows).
+  truth = report["fas_truth"]["synthetic_test"]
+  assert truth["num_samples"] > 0 and np.isfinite(summary["fas_truth_gain_region"])
+  assert summary["fas_truth_gain_region"] == truth["truth_gain_region"]
+  assert Path(summary["truth_grid_png"]).is_file()
   on_disk = report_lib.read_json_report(tmp_path / "mem" / "report.json")
   assert on_disk["summary"] == summary
   assert (tmp_path / "mem" / "roc.png").is_file()

@@ -32,6 +32,7 @@ from mtlface_jax.evaluation import identification as id_lib
 from mtlface_jax.evaluation import protocols
 from mtlface_jax.evaluation import report as report_lib
 from mtlface_jax.evaluation import runner
+from mtlface_jax.evaluation import synthetic_truth
 from mtlface_jax.formats import images as images_lib
 
 PROTOCOLS = ("verification", "identification", "age", "fas")
@@ -672,6 +673,12 @@ def _fas(ctx: _Run) -> None:
     _add(ctx, "fas", faces.name,
          report_lib.fas_entry(outcome, age_name, id_name, options.group_from),
          faces.summary())
+  if options.synthetic:  # The procedural faces know the truth: score against it too.
+    truth = synthetic_truth.evaluate_truth(ctx.model, ctx.synthetic.get().test,
+                                           options.output_dir, num_inputs=options.num_inputs,
+                                           grid_rows=options.grid_rows)
+    _add(ctx, "fas_truth", "synthetic_test", {**truth["result"].to_dict(), "grid": truth["grid"]},
+         {"truth": "the same identities rendered at each group's centre age"})
   _require_results(ctx, "fas", "--folder, --list or --synthetic")
 
 

@@ -174,7 +174,7 @@ def plot_roc_curves(curves: Mapping[str, Any], path, log_fpr: bool = True) -> pa
 # Evaluation reports.
 # --------------------------------------------------------------------------- #
 
-SECTIONS = ("verification", "identification", "age", "fas")
+SECTIONS = ("verification", "identification", "age", "fas", "fas_truth")
 
 
 def new_report(protocol: str, model_info: dict, options: dict) -> dict[str, Any]:
@@ -218,6 +218,8 @@ def report_text(report: dict) -> str:
     blocks.append("Age estimation\n" + format_table(rows))
   for name, entry in (report.get("fas") or {}).items():
     blocks.append(_fas_text(name, to_jsonable(entry)))
+  for name, entry in (report.get("fas_truth") or {}).items():
+    blocks.append(_fas_truth_text(name, to_jsonable(entry)))
   return "\n\n".join(blocks) if blocks else "(no results)"
 
 
@@ -232,6 +234,17 @@ def _fas_text(name: str, entry: dict) -> str:
        "age acc": g["age_accuracy"], "identity": g["identity_preservation"],
        "mean est. age": g.get("mean_estimated_age")} for g in entry["per_group"]])
   return f"Face age synthesis\n{overall}\n\nper target group\n{per_group}"
+
+
+def _fas_truth_text(name: str, entry: dict) -> str:
+  """The ground-truth FAS score (procedural faces), overall and per target group."""
+  fields = ("truth_gain_region", "truth_gain_image", "hair_colour_progress",
+            "skin_colour_progress", "identity_to_truth")
+  overall = format_table([{"dataset": name, **{k: entry.get(k) for k in fields},
+                           "samples": entry.get("num_samples")}])
+  per_group = format_table([{"group": g["group"], "ages": g["label"], "count": g["count"],
+                             **{k: g.get(k) for k in fields}} for g in entry["per_group"]])
+  return f"Face age synthesis against the true aged faces\n{overall}\n\nper target group\n{per_group}"
 
 
 def write_report(report: dict, output_dir) -> dict[str, str]:

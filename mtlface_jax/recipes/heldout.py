@@ -15,6 +15,7 @@ from mtlface_jax.evaluation import datasets
 from mtlface_jax.evaluation import protocols
 from mtlface_jax.evaluation import report as report_lib
 from mtlface_jax.evaluation import runner as runner_lib
+from mtlface_jax.evaluation import synthetic_truth
 from mtlface_jax.evaluation import verification
 
 
@@ -31,6 +32,10 @@ class HeldOut:
     fas_faces: faces to synthesize into every age group, or None.
     summary_names: summary key prefixes for verification and age
       (``{prefix}_accuracy``, ``{prefix}_mae``, ...).
+    truth_split: procedural faces whose true aged renderings exist
+      (``synthetic.make_dataset(...).test``): FAS is also scored against them
+      (``evaluation.synthetic_truth``); None for real faces.
+    truth_inputs: how many of them are synthesized for that score.
   """
   protocol: str
   verify: Callable[[runner_lib.ModelRunner], verification.VerificationResult]
@@ -39,6 +44,8 @@ class HeldOut:
   age_faces: Optional[datasets.FaceSet] = None
   fas_faces: Optional[datasets.FaceSet] = None
   summary_names: tuple[str, str] = ("verification", "age")
+  truth_split: Any = None
+  truth_inputs: int = 64
 
 
 def evaluate(model, heldout: HeldOut, output_dir, *, variables: Optional[dict] = None,
@@ -94,9 +101,30 @@ def evaluate(model, heldout: HeldOut, output_dir, *, variables: Optional[dict] =
     summary.update(fas_age_accuracy=outcome["result"].age_accuracy,
                    fas_identity_preservation=outcome["result"].identity_preservation,
                    grid_png=outcome["grids"][0] if outcome["grids"] else None)
+    if heldout.truth_split is not None:
+      summary.update(_score_against_truth(runner, heldout, report, output_dir, grid_rows))
   report["summary"] = summary
   report_lib.write_report(report, output_dir)
   return report_lib.to_jsonable(report)
+
+
+def _score_against_truth(runner, heldout: HeldOut, report: dict, output_dir,
+                         grid_rows: int) -> dict:
+  """The ground-truth FAS protocol (procedural faces); returns its summary entries."""
+  truth = synthetic_truth.evaluate_truth(runner, heldout.truth_split, output_dir,
+                                         num_inputs=heldout.truth_inputs, grid_rows=grid_rows)
+  result = truth["result"]
+  report_lib.add_result(report, "fas_truth", "synthetic_test",
+                        {**result.to_dict(), "grid": truth["grid"]},
+                        {"truth": "the same identities rendered at each group's centre age"})
+  gains = [g["truth_gain_region"] for g in result.per_group
+           if g.get("truth_gain_region") is not None]
+  return {"fas_truth_gain_region": result.truth_gain_region,
+          "fas_truth_gain_image": result.truth_gain_image,
+          "fas_truth_gain_region_min_group": min(gains) if gains else None,
+          "fas_hair_colour_progress": result.hair_colour_progress,
+          "fas_identity_to_truth": result.identity_to_truth,
+          "truth_grid_png": truth["grid"]}
 
 
 def synthetic_heldout(data, num_fas_inputs: int = 16, eval_folds=None,
@@ -122,7 +150,9 @@ def synthetic_heldout(data, num_fas_inputs: int = 16, eval_folds=None,
       verification_name="synthetic",
       verification_source={"source": "synthetic test pairs"},
       age_faces=test,
-      fas_faces=test.spread(num_fas_inputs) if num_fas_inputs > 0 else None)
+      fas_faces=test.spread(num_fas_inputs) if num_fas_inputs > 0 else None,
+      truth_split=data.test if num_fas_inputs > 0 else None,
+      truth_inputs=max(num_fas_inputs, 64))
 
 
 def evaluate_synthetic(model, variables: Optional[dict] = None, config=None, *, data,
