@@ -143,6 +143,23 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.num_folds = 10    # folds of .bin sets and of pair lists without fold labels
   c.eval.max_pairs_per_fold = 0  # > 0: only the first N matched and mismatched pairs
   c.eval.batch_size = 64   # images per device call (rounded up to the device count)
+  # Selective fine-tuning (recipes/selective.py, configs/selective_ft.py); OURS,
+  # the TPAMI paper publishes none of these (docs/architecture.md T2).
+  c.selective = ml_collections.ConfigDict()
+  # Ours: the identity threshold is the frozen encoder's threshold at this FAR on
+  # the held-out synthetic test pairs; a number in `tau` overrides it.
+  c.selective.far = 1e-3
+  c.selective.tau = ml_collections.FieldReference(None, field_type=float)
+  # Ours: a short, constant, low learning rate (AIFR trains at 0.1).
+  c.selective.ft_lr = 0.01
+  c.selective.ft_num_iter = 50
+  c.selective.ft_warmup = 5
+  # One fine-tuning run per seed per arm; ablation.json has their mean and std.
+  c.selective.ft_seeds = (0,)
+  # Which arms run: no fine-tuning, plain (all synthesized faces), selective.
+  c.selective.arms = ("no_finetune", "plain_finetune", "selective_finetune")
+  c.selective.batch_size = 64  # Inference batch for synthesis, judging and evaluation.
+  c.selective.chunk = 256      # Source faces synthesized per pass (host memory bound).
   # Locked: a config file or --config.x=y that names an undeclared key fails.
   return c.lock()
 

@@ -55,9 +55,9 @@ def test_group_mid_ages():
 def tiny_run_configs():
   """AIFR and FAS configs of one tiny run whose data has held-out pairs."""
   fas = test_eval_cli.tiny_config()
-  fas.data.test_fraction = 0.5
-  fas.data.num_folds = 2
-  fas.data.pairs_per_fold = 4
+  fas.data.synthetic_faces.test_fraction = 0.5
+  fas.data.synthetic_faces.num_folds = 2
+  fas.data.synthetic_faces.pairs_per_fold = 4
   aifr = fas.copy_and_resolve_references()
   aifr.train_fr, aifr.train_fas = True, False
   return aifr, fas

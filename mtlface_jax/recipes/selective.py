@@ -30,6 +30,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from mtlface_jax import ages as ages_lib
+from mtlface_jax import batch as batch_lib
 from mtlface_jax import checkpoint_io
 from mtlface_jax import data_sources
 from mtlface_jax import input_pipeline
@@ -170,7 +171,7 @@ def batches_from(source: input_pipeline.Source):
                                       crop_scale=config.data.crop_scale),
         start_step=start_step)
     for batch in pipeline:
-      yield {k: batch[k] for k in data_sources.STEP_KEYS}
+      yield {k: batch[k] for k in batch_lib.keys(config)}
 
   return batches_fn
 
