@@ -231,9 +231,10 @@ def test_full_released_layout_converts_every_tensor(released):
   assert report.summary().endswith("; 0 skipped")
   assert sorted(conversion.variables) == ["age", "encoder", "generator"]
   meta = conversion.meta
-  assert meta["layout"] == "tpami" and meta["family"] == "tpami" and meta["skipped"] == 0
-  assert meta["generator"]["style_dim"] == 512 and meta["generator"]["channels"] is None
-  rebuilt = tg.TPAMIGenerator(meta["age_group"], **meta["generator"])
+  model = meta["model"]  # The spec every reader rebuilds from (models/spec.py).
+  assert meta["layout"] == "tpami" and model["family"] == "tpami" and meta["skipped"] == 0
+  assert model["generator"]["style_dim"] == 512 and model["generator"]["channels"] is None
+  rebuilt = tg.TPAMIGenerator(meta["age_group"], **model["generator"])
   assert rebuilt == convert.tpami_generator_spec().module
   shapes = lambda tree: jax.tree_util.tree_map(lambda x: tuple(x.shape), tree)
   assert shapes(conversion.variables["generator"]) == shapes(released["abstract"])
