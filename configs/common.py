@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.tpami_generator = ml_collections.ConfigDict()  # TPAMIGenerator fields (tpami only)
   c.model.tpami_generator.image_size = 112
   c.model.tpami_generator.style_dim = 512
-  c.model.tpami_generator.channels = ml_collections.FieldReference(None, field_type=tuple)
+  c.model.tpami_generator.channels = ()  # () = StyleGAN2's schedule for channel_multiplier
   c.model.tpami_generator.channel_multiplier = 2
   c.model.tpami_generator.mapping_layers = 8
   c.model.tpami_generator.lr_mlp = 0.01

@@ -144,6 +144,9 @@ def from_config(config) -> ModelSpec:
                  "decoder_features": list(m.decoder_features)}
   else:
     generator = m.tpami_generator.to_dict()
+    # () in a config means "StyleGAN2's own schedule" (a plain value, so
+    # ConfigDict.update copies it; a None FieldReference cannot be updated).
+    generator["channels"] = tuple(generator["channels"]) or None
   return ModelSpec(family=family, image_size=int(config.image_size),
                    age_group=int(config.age_group), encoder=encoder,
                    num_classes=int(m.num_classes), head_s=float(config.head_s),
