@@ -10,6 +10,7 @@ import pytest
 from configs import tiny
 from mtlface_jax import losses
 from mtlface_jax.models import discriminator as disc_lib
+from mtlface_jax.models import spec as spec_lib
 from mtlface_jax.training import augment
 from mtlface_jax.training import loop
 from mtlface_jax.training import optim
@@ -107,3 +108,15 @@ def test_fas_learning_rate_decay():
   assert first == pytest.approx(lr, rel=1e-3) and last == pytest.approx(lr / 4, rel=1e-3)
   with pytest.raises(ValueError, match="decay"):
     first_and_last_step("cosine")
+
+
+def test_spec_carries_the_discriminator_conditioning():
+  config = tiny.get_config()
+  with config.unlocked():
+    config.model.discriminator_conditioning = "classifier"
+  spec = spec_lib.from_config(config)
+  again = spec_lib.ModelSpec.from_dict(spec.to_dict())
+  assert spec_lib.build(again).discriminator.conditioning == "classifier"
+  # Specs written before the key existed build the reference discriminator.
+  older = dict(spec.to_dict(), discriminator={"features": spec.discriminator["features"]})
+  assert spec_lib.build(spec_lib.ModelSpec.from_dict(older)).discriminator.conditioning == "concat"
