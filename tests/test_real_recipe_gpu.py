@@ -21,6 +21,12 @@ DATA = REPO.parent / "shared" / "data"
 # What the device tool brings back: at most 8 files, names of letters, digits, '.', '_', '-'.
 MAX_FILES = 8
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+# configs/tiny.py's model: the test is about the script's plumbing, so the
+# :cpu variant's model (minutes of compiling on CI) is not needed.
+TINY_MODEL = ("--config.image_size=48 --config.model.units=(1,1,1,1) "
+              "--config.model.depths=(8,8,16,16) --config.model.icm_unit_count=8 "
+              "--config.model.decoder_features=(16,8,8,8) "
+              "--config.model.discriminator_features=(8,8,16,16,16)")
 
 
 def test_mini_real_data_keeps_fold_structure(tmp_path):
@@ -46,7 +52,8 @@ def test_real_recipe_gpu_dry_run_brings_back_the_report(tmp_path):
            f"--pairs={work}/mini/lfw/pairs.txt --lfw_crop --eval_folds=6,7,8,9,10 "
            "--output_dir={out} --progress=false")
   env = dict(os.environ, OUT=str(out), WORK=str(work), PYTHON=sys.executable,
-             LFW_DIR=str(DATA / "lfw"), UTKFACE_DIR=str(DATA / "utkface"), EXTRA_EVAL=extra)
+             LFW_DIR=str(DATA / "lfw"), UTKFACE_DIR=str(DATA / "utkface"), EXTRA_EVAL=extra,
+             RECIPE_ARGS=TINY_MODEL)
   proc = subprocess.run(["bash", str(REPO / "scripts" / "real_recipe_gpu.sh"), "--dry-run"],
                         env=env, capture_output=True, text=True, timeout=3000, check=False)
   log = (out / "recipe.log").read_text() if (out / "recipe.log").is_file() else proc.stdout

@@ -60,9 +60,9 @@ def test_weight_decay_mask():
 
 @pytest.mark.parametrize("fr,fas", [(True, False), (False, True), (True, True)])
 def test_steps_run_and_loss_falls_on_a_fixed_batch(tmp_path, fr, fas):
+  # tiny's own schedule (as in the tests below): the same step programs, so
+  # the persistent compilation cache serves them to the later tests.
   config = _config(train_fr=fr, train_fas=fas, num_iter=8, checkpoint_every=100, log_every=1)
-  config.optim.warmup = 1
-  config.optim.lr = 0.05
   batches = functools.partial(batch_lib.fake_batches, fixed=True)
   first = {}
 
