@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
-# Test files run on two workers (CI has 2 cores; XLA compiles are single-threaded).
+# Test files run on two workers (CI has 2 cores; XLA compiles are single-threaded),
+# slowest files first (tests/conftest.py; --no-loadscope-reorder needs pytest-xdist 3.8).
 TEST_WORKERS ?= 2
 DEMO_DIR ?= demo_out
 # The demo's CPU variant (minutes on 2 cores); DEMO_CONFIG=configs/default.py on a GPU/TPU.

@@ -9,6 +9,7 @@ from configs import selective_ft
 from mtlface_jax import synthetic
 from mtlface_jax.evaluation import verification
 from mtlface_jax.recipes import selective
+from mtlface_jax.recipes import stages
 from tests import test_eval_cli
 
 
@@ -86,8 +87,9 @@ def test_arms_end_to_end(tmp_path):
   s = config.selective
   s.ft_num_iter, s.ft_warmup, s.batch_size, s.chunk = 1, 0, 8, 16
   s.arms = ("no_finetune", "selective_finetune")  # One train-step compile (CPU time).
-  result = selective.run_ablation(config, tmp_path / "out", source)
-  written = json.loads((tmp_path / "out" / "ablation.json").read_text())
+  result = stages.selective_finetuning(config, source)  # The recipe's third stage.
+  out = source / "selective"
+  written = json.loads((out / "ablation.json").read_text())
   assert set(written["arms"]) == {"no_finetune", "selective_finetune"}
   selection = written["selection"]
   # 5 training identities x 8 faces, each into the 6 groups that are not its own.
@@ -101,7 +103,7 @@ def test_arms_end_to_end(tmp_path):
   assert run["seed"] == 0 and run["steps"] == 1
   assert arms["selective_finetune"]["verification_accuracy_mean"] == (
       run["heldout"]["verification_accuracy"])
-  assert (tmp_path / "out" / "selective_finetune" / "seed0" / "checkpoints").is_dir()
+  assert (out / "selective_finetune" / "seed0" / "checkpoints").is_dir()
   for entry in arms.values():
     assert 0.0 <= entry["verification_accuracy_mean"] <= 1.0
   assert result["selection"]["tau"] == selection["tau"]

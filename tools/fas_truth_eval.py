@@ -7,8 +7,9 @@ Reads the run's ``config.json`` for its synthetic dataset, synthesizes the
 held-out inputs at every age group, and prints the truth metrics of
 ``mtlface_jax.evaluation.synthetic_truth`` (overall and per group) as JSON,
 with ``fas_truth_grid_synthetic_test.png`` in ``--output_dir``.
-# SEAM: the lead wires synthetic_truth.evaluate_truth into
-# ``eval.py --protocol=fas --synthetic`` and recipes.heldout.evaluate_synthetic.
+The same scoring is in ``eval.py --protocol=fas --synthetic`` and the demo's
+report (``recipes.heldout.evaluate_synthetic``); this tool scores any step of a
+FAS run alone, e.g. while choosing FAS settings.
 """
 
 import json

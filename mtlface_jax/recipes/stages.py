@@ -1,4 +1,5 @@
-"""The two-stage MTLFace recipe: AIFR first, then FAS from the trained encoder."""
+"""The MTLFace recipe's stages: AIFR, then FAS from the trained encoder, then
+(TPAMI, optional) selective fine-tuning of AIFR with the FAS run's faces."""
 
 import time
 from pathlib import Path
@@ -44,3 +45,20 @@ def train_aifr_then_fas(config, workdir: str | Path) -> dict[str, float]:
   fas.init_from = str(workdir / "aifr")
   loop.train(fas, workdir / "fas")
   return {"aifr_s": middle - start, "fas_s": time.time() - middle}
+
+
+def selective_finetuning(config, workdir: str | Path) -> dict:
+  """The TPAMI stage after :func:`train_aifr_then_fas`: the selective fine-tuning ablation.
+
+  Args:
+    config: a config with a ``selective`` section (``configs/selective_ft.py``;
+      every demo and recipe config declares it).
+    workdir: the folder :func:`train_aifr_then_fas` wrote (``aifr/``, ``fas/``);
+      the three arms and ``ablation.json`` go to ``workdir/selective``.
+
+  Returns:
+    The ablation (``recipes/selective.py``: selection, kept fractions, arms).
+  """
+  # Imported here: the ablation pulls in the whole evaluation stack.
+  from mtlface_jax.recipes import selective  # pylint: disable=g-import-not-at-top
+  return selective.run_ablation(config, Path(workdir) / "selective", workdir)
