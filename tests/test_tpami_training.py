@@ -10,13 +10,13 @@ suite's budget, so the tests that need it run with ``MTLFACE_SLOW_TESTS=1``
 
 import os
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import fas_tpami
+from mtlface_jax import batch as batch_lib
 from mtlface_jax import checkpoint_io
 from mtlface_jax import convert
 from mtlface_jax.models import spec as spec_lib
@@ -24,7 +24,6 @@ from mtlface_jax.training import loop
 from mtlface_jax.training import sharding
 from mtlface_jax.training import steps
 from mtlface_jax.training import tpami_steps
-from mtlface_jax import batch as batch_lib
 
 
 def _config(**overrides):
@@ -113,9 +112,10 @@ def test_generator_loss_known_answer(monkeypatch):
 
   def loss(**weights):
     config = _config(**weights)
+    batch = {"image": images, "group": source_group, "target_group": target}
     value, (_, metrics) = tpami_steps.tpami_generator_loss(
-        (fake, latents), images=images, source_group=source_group, models=None, config=config,
-        variables=None, d_variables=None, source_id=None, target=target)
+        (fake, latents), batch=batch, models=None, config=config, variables=None,
+        d_variables=None, source_id=None, rng=jax.random.PRNGKey(0))
     return float(value), metrics
 
   value, metrics = loss(fas_tpami_rec_loss_weight=0.0, fas_tpami_latent_reg_weight=0.0)
@@ -137,11 +137,11 @@ def _variables(workdir):
 def test_train_py_path_resumes_bit_identically(tmp_path, one_step):
   del one_step  # compiled first: the loop runs hit the persistent cache
   config = _config(num_iter=2, checkpoint_every=1)
-  summary = loop.train(config, tmp_path / "straight", batches_fn=training_utils.fake_batches)
+  summary = loop.train(config, tmp_path / "straight", batches_fn=batch_lib.fake_batches)
   assert summary["step"] == 2 and "fas/g_rec" in summary["last_metrics"]
   loop.train(_config(num_iter=1, checkpoint_every=1), tmp_path / "resumed",
-             batches_fn=training_utils.fake_batches)
-  loop.train(config, tmp_path / "resumed", batches_fn=training_utils.fake_batches)
+             batches_fn=batch_lib.fake_batches)
+  loop.train(config, tmp_path / "resumed", batches_fn=batch_lib.fake_batches)
   a, b = _variables(tmp_path / "straight"), _variables(tmp_path / "resumed")
   assert int(a["step"]) == int(b["step"]) == 2
   jax.tree_util.tree_map(np.testing.assert_array_equal, a["variables"], b["variables"])
@@ -159,7 +159,7 @@ def test_init_from_a_converted_release(tmp_path, one_step):
   source = convert.save_conversion(convert.Conversion(release, meta, convert.ConversionReport()),
                                    tmp_path / "release")
   run = _config(num_iter=1, checkpoint_every=1, init_from=str(source))
-  loop.train(run, tmp_path / "run", batches_fn=training_utils.fake_batches)
+  loop.train(run, tmp_path / "run", batches_fn=batch_lib.fake_batches)
   trained = _variables(tmp_path / "run")["variables"]
   jax.tree_util.tree_map(np.testing.assert_array_equal, release["encoder"], trained["encoder"])
   jax.tree_util.tree_map(np.testing.assert_array_equal, release["age"], trained["age"])

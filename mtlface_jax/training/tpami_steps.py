@@ -61,26 +61,27 @@ def latent_regulariser(latents: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(latents.astype(jnp.float32)))
 
 
-def tpami_generator_loss(outputs, *, images, source_group, models, config, variables,
-                         d_variables, source_id, target):
+def tpami_generator_loss(outputs, *, batch, models, config, variables, d_variables, source_id,
+                         rng):
   """The CVPR generator loss of ``steps`` plus our reconstruction and latent terms.
 
   Args:
     outputs: (fake [B,S,S,3], latents [B,n,D]) of the generator.
-    images: the input faces.
-    source_group: [B] the inputs' own age groups (-1 unknown: never reconstructed).
-    models, config, variables, d_variables, source_id, target: as
+    batch: the batch contract (``image``, ``group``: the inputs' own groups, -1
+      unknown and never reconstructed; ``target_group``).
+    models, config, variables, d_variables, source_id, rng: as
       ``steps._generator_loss``.
 
   Returns:
     (loss, (discriminator spectral state, metrics)).
   """
   fake, latents = outputs
+  target, source_group = batch["target_group"], batch["group"]
   cvpr_loss, (spectral, metrics) = steps._generator_loss(  # pylint: disable=protected-access
       fake, models=models, config=config, variables=variables, d_variables=d_variables,
-      source_id=source_id, target=target)
+      batch=batch, source_id=source_id, rng=rng)
   same = (target == source_group) & (source_group >= 0)
-  rec = reconstruction_loss(fake=fake, images=images, same_group=same,
+  rec = reconstruction_loss(fake=fake, images=batch["image"], same_group=same,
                             norm=config.fas_tpami_rec_norm)
   reg = latent_regulariser(latents)
   loss = (cvpr_loss + config.fas_tpami_rec_loss_weight * rec
@@ -97,7 +98,9 @@ def tpami_fas_update(state: state_lib.TrainState, batch, rng, *, models, config,
   Returns:
     (state, metrics, finite) without advancing the step.
   """
-  del rng  # Deterministic: the decoder uses its noise buffers, targets come with the batch.
+  # rng drives only the discriminator's input augmentation (config.fas_d_augment);
+  # the decoder uses its noise buffers and the targets come with the batch.
+  d_rng, g_rng = jax.random.split(rng)
   v = state.variables
   target = batch["target_group"]
   source = jax.tree_util.tree_map(
@@ -113,14 +116,14 @@ def tpami_fas_update(state: state_lib.TrainState, batch, rng, *, models, config,
   # One generator forward serves both updates: keep its VJP for the G step.
   (fake, latents), generator_vjp = jax.vjp(generate, v["generator"]["params"])
   d_loss, spectral, d_grads = steps._discriminator_grads(  # pylint: disable=protected-access
-      models, v["discriminator"], batch["target_image"], jax.lax.stop_gradient(fake), target)
+      models, config, v["discriminator"], batch["target_image"], jax.lax.stop_gradient(fake),
+      target, d_rng)
   d_updates, d_opt = d_tx.update(d_grads, state.opt_states["d"], v["discriminator"]["params"])
   d_params = optax.apply_updates(v["discriminator"]["params"], d_updates)
 
   g_loss_fn = functools.partial(
-      tpami_generator_loss, images=batch["image"], source_group=batch["group"], models=models,
-      config=config, variables=v, d_variables={"params": d_params, "spectral": spectral},
-      source_id=source.x_id, target=target)
+      tpami_generator_loss, batch=batch, models=models, config=config, variables=v,
+      d_variables={"params": d_params, "spectral": spectral}, source_id=source.x_id, rng=g_rng)
   (g_loss, (spectral, metrics)), output_grads = jax.value_and_grad(
       g_loss_fn, has_aux=True)((fake, latents))
   (g_grads,) = generator_vjp(output_grads)
