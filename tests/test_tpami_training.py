@@ -71,6 +71,19 @@ def test_tiny_config_builds_the_tpami_generator():
     fas_tpami.get_config("huge")
 
 
+def test_step_traces_in_the_default_suite():
+  """The whole TPAMI step, traced (shapes only, no compile): a changed signature of
+  the steps it shares with the CVPR FAS fails here, not only under MTLFACE_SLOW_TESTS."""
+  config = _config()
+  step = loop.build_step(config, sharding.make_mesh())
+  state = jax.eval_shape(step.initial_state, jax.random.PRNGKey(0))
+  new_state, metrics = jax.eval_shape(step.fn, state, batch_lib.spec(config),
+                                      jax.random.PRNGKey(1))
+  assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
+  for key in ("fas/g_loss", "fas/g_rec", "fas/g_latent_reg", "fas/d_loss"):
+    assert metrics[key].shape == (), key
+
+
 def test_loss_terms_are_finite_and_add_up(one_step):
   config, _, _, metrics = one_step
   for key in ("fas/d_loss", "fas/g_loss", "fas/g_gan", "fas/g_id", "fas/g_age", "fas/g_rec",
