@@ -104,7 +104,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.synthetic_faces.pairs_per_fold = 300
   c.data.face_shards = ml_collections.ConfigDict()  # LFW + UTKFace shards (real_data.py)
   c.data.face_shards.dir = ""
-  # The recipe (real_recipe.py) builds missing shards from these:
+  # The recipe (recipes/lfw_utkface.py) builds missing shards from these:
   c.data.face_shards.lfw_dir = ""
   c.data.face_shards.utkface_dir = ""
   c.data.face_shards.split_seed = 0

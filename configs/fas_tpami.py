@@ -20,6 +20,7 @@ encoder trunk and the age estimator are frozen; only the generator's
 """
 
 from configs import common
+from configs import tiny
 
 
 def get_config(variant: str = ""):
@@ -53,10 +54,4 @@ def _tiny(c):
   c.model.tpami_generator.style_dim = 32
   c.model.tpami_generator.channels = (32, 32, 32, 24, 16, 16)
   c.model.tpami_generator.mapping_layers = 2
-  c.data.name = "synthetic_faces"
-  c.data.synthetic_faces.num_identities = 10
-  c.data.synthetic_faces.images_per_identity = 8
-  c.data.synthetic_faces.test_fraction = 0.0
-  c.log_every = 1
-  c.checkpoint_every = 2
-  c.image_every = 0
+  tiny.small_run(c)

@@ -4,7 +4,7 @@ EVERY value under ``selective`` is OURS: the TPAMI paper publishes none of them
 (docs/architecture.md T2, T4). The model, data and optimizer of the fine-tuning
 runs are those of the ``--from`` workdir's AIFR run (read from its checkpoint
 meta); only the keys below change them. The rest of this config is the demo's
-(configs/default.py, its CPU variant on a CPU) and is not read by the recipe.
+(configs/default.py) and is not read by the recipe.
 """
 
 from configs import default

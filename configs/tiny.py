@@ -17,6 +17,16 @@ def get_config():
   c.model.discriminator_features = (8, 8, 16, 16, 16)
   c.optim.warmup = 2
   c.optim.milestone = (4, 5)
+  small_run(c)
+  return c
+
+
+def small_run(c):
+  """The tests' data and bookkeeping (also ``configs/fas_tpami.py:tiny``).
+
+  10 procedural identities x 8 faces, no test split; logs every step,
+  checkpoints every 2.
+  """
   c.data.name = "synthetic_faces"
   c.data.synthetic_faces.num_identities = 10
   c.data.synthetic_faces.images_per_identity = 8
@@ -25,4 +35,3 @@ def get_config():
   c.checkpoint_every = 2
   c.image_every = 0
   c.eval_every = 0  # held-out verification off: tests turn it on where they need it
-  return c

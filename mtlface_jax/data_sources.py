@@ -171,10 +171,12 @@ class TrainBatches:
   Args:
     config: training config (``batch_size`` is global).
     start_step: the step to resume from (0 for a new run).
+    source: the examples; default :func:`train_source` of ``config`` (e.g.
+      the selective fine-tuning recipe passes its real + synthesized faces).
   """
 
-  def __init__(self, config, start_step: int):
-    source = train_source(config)
+  def __init__(self, config, start_step: int, source: Optional[input_pipeline.Source] = None):
+    source = train_source(config) if source is None else source
     earlier = list(source.report.skipped)
     self._pipeline = input_pipeline.InputPipeline(
         source,

@@ -1100,7 +1100,7 @@ def render_with_nuisance(identity_params: IdentityParams, ages,
     chunk_masks = None if masks is None else masks[index]
     _render_chunk(identity_params.take(index),
                   {k: v[index] for k, v in geo.items()},
-                  {k: v[index] for k, v in nuisance.items()}, chunk_out,
+                  take_nuisance(nuisance, index), chunk_out,
                   chunk_masks)
     out[index] = chunk_out
     if masks is not None:

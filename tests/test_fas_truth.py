@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from mtlface_jax import synthetic
+from mtlface_jax.evaluation import datasets
 from mtlface_jax.evaluation import fas as fas_lib
 from mtlface_jax.evaluation import synthetic_truth
 from mtlface_jax.formats import images as images_lib
@@ -170,7 +171,7 @@ def test_metrics_reject_bad_shapes():
 
 def test_truth_set_matches_the_evaluation_inputs(dataset):
   split = dataset.test
-  indices = synthetic_truth.spread_indices(len(split), 5)
+  indices = datasets.spread_indices(len(split), 5)
   assert len(indices) == 5 and indices[0] == 0 and indices[-1] == len(split) - 1
   truth = synthetic_truth.build_truth_set(split, indices, image_size=48)
   assert truth.inputs.shape == (5, 48, 48, 3) and truth.truth.shape == (5, 7, 48, 48, 3)

@@ -41,6 +41,18 @@ def to_model_input(image: np.ndarray) -> np.ndarray:
   return (np.asarray(image, np.float32) / 255.0 - 0.5) / 0.5
 
 
+def spread_indices(num_images: int, count: int) -> np.ndarray:
+  """``count`` indices evenly spread over ``range(num_images)`` (all if fewer).
+
+  How the FAS protocols pick their inputs (:meth:`FaceSet.spread`, the
+  ground-truth protocol of ``evaluation.synthetic_truth``), so both start
+  from the same faces.
+  """
+  if count <= 0 or count >= num_images:
+    return np.arange(num_images)
+  return np.unique(np.linspace(0, num_images - 1, count).round()).astype(np.int64)
+
+
 def decode_face(path, lfw_style: bool = False,
                 crop: Optional[images_lib.CropBox] = None
                 ) -> tuple[np.ndarray, Optional[tuple[int, int]]]:
@@ -219,7 +231,7 @@ class FaceSet:
     """At most ``max_faces`` faces evenly spaced over the set (all if None/0)."""
     if not max_faces or max_faces >= len(self):
       return self
-    return self.subset(np.unique(np.linspace(0, len(self) - 1, max_faces).round()))
+    return self.subset(spread_indices(len(self), max_faces))
 
   def check_files(self) -> None:
     """Fails before any compute if image files are missing (naming them)."""

@@ -238,15 +238,16 @@ def _colour_terms(inputs, synthesized, truth, weights):
   return np.sum((c_syn - c_in) * needed, -1), np.sum(needed * needed, -1), ok
 
 
-def _ratio_gain(num: np.ndarray, den: np.ndarray, keep: np.ndarray) -> Optional[float]:
-  """1 - sum(num)/sum(den) over ``keep`` (None when nothing is kept or den is 0)."""
-  den_sum = float(den[keep].sum())
-  return 1.0 - float(num[keep].sum()) / den_sum if keep.any() and den_sum > 0 else None
-
-
 def _ratio(num: np.ndarray, den: np.ndarray, keep: np.ndarray) -> Optional[float]:
+  """sum(num) / sum(den) over ``keep`` (None when nothing is kept or den is 0)."""
   den_sum = float(den[keep].sum())
   return float(num[keep].sum()) / den_sum if keep.any() and den_sum > 0 else None
+
+
+def _ratio_gain(num: np.ndarray, den: np.ndarray, keep: np.ndarray) -> Optional[float]:
+  """1 - :func:`_ratio` (None where it is None)."""
+  ratio = _ratio(num, den, keep)
+  return None if ratio is None else 1.0 - ratio
 
 
 def _mean(values: Optional[np.ndarray], keep: np.ndarray) -> Optional[float]:

@@ -345,19 +345,37 @@ def verify_synthetic(model: runner.ModelRunner, data, eval_folds=None,
   Returns:
     The verification result.
   """
-  pairs = datasets.limit_pair_rows(np.asarray(data.pairs), max_pairs_per_fold)
+  pairs, used, row = synthetic_pair_rows(data, max_pairs_per_fold, eval_folds)
   if not len(pairs):
     raise ValueError("the synthetic dataset has no verification pairs (test_fraction=0?)")
-  if eval_folds is not None:
-    selected = pairs[np.isin(pairs[:, 3], np.asarray(list(eval_folds)))]
-    pairs = selected if len(selected) else pairs  # Empty: let the protocol say why.
-  used = np.unique(pairs[:, :2])  # Embed only the images some pair uses.
   embeddings = model.embed(datasets.array_faces(data.test.images[used], model.image_size),
                            total=len(used), description="synthetic pairs")
-  row = np.searchsorted(used, pairs[:, :2])
   return verification.evaluate_verification(pairs[:, 2].astype(bool), embeddings[row[:, 0]],
                                             embeddings[row[:, 1]], folds=pairs[:, 3],
                                             eval_folds=eval_folds)
+
+
+def synthetic_pair_rows(data, max_pairs_per_fold: Optional[int] = None, eval_folds=None
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The test pairs of a synthetic dataset and the test images they use, each once.
+
+  Args:
+    data: ``mtlface_jax.synthetic.SyntheticFaces``.
+    max_pairs_per_fold: keep only this many matched/mismatched pairs per fold.
+    eval_folds: fold labels to keep (None: all; none matching: all, so the
+      protocol says why).
+
+  Returns:
+    ``(pairs, used, rows)``: pair rows ``(a, b, issame, fold)`` [P, 4] (empty
+    when the dataset has none), the test images they use [U] and, per pair,
+    the positions of its two images in ``used`` [P, 2].
+  """
+  pairs = datasets.limit_pair_rows(np.asarray(data.pairs), max_pairs_per_fold)
+  if eval_folds is not None and len(pairs):
+    selected = pairs[np.isin(pairs[:, 3], np.asarray(list(eval_folds)))]
+    pairs = selected if len(selected) else pairs
+  used = np.unique(pairs[:, :2])
+  return pairs, used, np.searchsorted(used, pairs[:, :2])
 
 
 IDENTIFICATION_METHODS = ("loio", "lopo")

@@ -10,13 +10,14 @@ checkpoints or models (the caller synthesizes and embeds).
 
 Typical use (``synthesize`` / ``embed`` from whatever runs the model)::
 
-  truth = build_truth_set(data.test, spread_indices(len(data.test), 64),
+  truth = build_truth_set(data.test, datasets.spread_indices(len(data.test), 64),
                           image_size=64)
   synthesized = synthesize(truth.inputs)             # [N, G, S, S, 3]
   result = score(truth, synthesized, embed=embed)    # TruthFasResult
 """
 
 import dataclasses
+import pathlib
 from typing import Callable, Optional
 
 import numpy as np
@@ -24,7 +25,9 @@ from PIL import Image
 
 from mtlface_jax import ages as ages_lib
 from mtlface_jax import synthetic
+from mtlface_jax.evaluation import datasets
 from mtlface_jax.evaluation import fas as fas_lib
+from mtlface_jax.formats import images as images_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,28 +53,10 @@ class TruthSet:
   masks: dict
 
 
-def spread_indices(num_images: int, count: int) -> np.ndarray:
-  """``count`` indices evenly spread over ``range(num_images)`` (all if fewer).
-
-  The same rule as the FAS protocol's input choice (``FaceSet.spread``), so
-  the first inputs of both are the same faces.
-  """
-  if count <= 0 or count >= num_images:
-    return np.arange(num_images)
-  return np.unique(np.linspace(0, num_images - 1, count).round()).astype(np.int64)
-
-
 def _to_model_input(images: np.ndarray, size: int) -> np.ndarray:
-  """uint8 [..., 112, 112, 3] -> float32 [..., S, S, 3] in [-1, 1].
-
-  Bilinear (antialiased) resizing and the [-1, 1] scaling of the evaluation's
-  preprocessing (``formats.images.resize_image`` then ``to_model_input``).
-  """
+  """uint8 [..., 112, 112, 3] -> float32 [..., S, S, 3] in [-1, 1], as evaluation preprocesses."""
   flat = images.reshape((-1,) + images.shape[-3:])
-  if flat.shape[1:3] != (size, size):
-    flat = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR))
-                     for im in flat])
-  out = flat.astype(np.float32) / 127.5 - 1.0
+  out = np.stack([datasets.to_model_input(images_lib.resize_image(im, size)) for im in flat])
   return out.reshape(images.shape[:-3] + out.shape[1:])
 
 
@@ -165,14 +150,13 @@ def evaluate_truth(runner, split: synthetic.SplitArrays, output_dir=None, *,
   Returns:
     ``{'result': TruthFasResult, 'grid': PNG path or None, 'indices': [N]}``.
   """
-  import pathlib  # pylint: disable=g-import-not-at-top
-  truth = build_truth_set(split, spread_indices(len(split), num_inputs), runner.image_size,
-                          runner.num_groups)
+  truth = build_truth_set(split, datasets.spread_indices(len(split), num_inputs),
+                          runner.image_size, runner.num_groups)
   synthesized = np.asarray(runner.synthesize(truth.inputs), np.float32)
   result = score(truth, synthesized, embed=runner.embed)
   grid = None
   if output_dir is not None and grid_rows > 0:
-    rows = spread_indices(len(truth.inputs), grid_rows)
+    rows = datasets.spread_indices(len(truth.inputs), grid_rows)
     grid = str(fas_lib.save_age_progression_grid(
         truth.inputs[rows], synthesized[rows],
         pathlib.Path(output_dir) / f"fas_truth_grid_{name}.png",

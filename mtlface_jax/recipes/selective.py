@@ -23,19 +23,20 @@ with held-out verification of each (``recipes.heldout.evaluate_synthetic``).
 --workdir=OUT --from=DEMO_WORKDIR`` (a workdir with ``aifr/`` and ``fas/``).
 """
 
+import functools
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from mtlface_jax import ages as ages_lib
-from mtlface_jax import batch as batch_lib
 from mtlface_jax import checkpoint_io
 from mtlface_jax import data_sources
 from mtlface_jax import input_pipeline
 from mtlface_jax import predict
 from mtlface_jax.evaluation import datasets
+from mtlface_jax.evaluation import fas as fas_lib
 from mtlface_jax.evaluation import protocols
 from mtlface_jax.evaluation import runner as runner_lib
 from mtlface_jax.formats import images as images_lib
@@ -105,11 +106,6 @@ def group_mid_ages(num_groups: int) -> np.ndarray:
   return np.array([(edges[g] + edges[g + 1]) / 2 for g in range(num_groups)], np.float32)
 
 
-def _to_uint8(faces: np.ndarray) -> np.ndarray:
-  """Model inputs in [-1, 1] -> uint8 images."""
-  return np.clip(np.round((np.asarray(faces) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 def synthesize_candidates(runner: runner_lib.ModelRunner, split,
                           chunk: int = 256) -> dict[str, np.ndarray]:
   """Every training face synthesized into every other group, with its judgements.
@@ -135,7 +131,7 @@ def synthesize_candidates(runner: runner_lib.ModelRunner, split,
     rows, groups = np.nonzero(np.arange(num_groups)[None] != own[idx, None])
     candidates = synthesized[rows, groups]
     judged = runner.estimate_ages(candidates, progress=False)
-    parts.append({"images": _to_uint8(candidates), "source": idx[rows],
+    parts.append({"images": fas_lib.to_uint8_images(candidates), "source": idx[rows],
                   "target_group": groups.astype(np.int32),
                   "estimated_group": judged["group"].astype(np.int32),
                   "cosine": np.sum(judged["embedding"] * source[rows], axis=-1)})
@@ -160,20 +156,8 @@ def training_source(split, candidates: dict[str, np.ndarray], keep: np.ndarray,
 
 
 def batches_from(source: input_pipeline.Source):
-  """A ``loop.train`` ``batches_fn`` drawing AIFR batches from an in-memory source."""
-
-  def batches_fn(config, start_step: int) -> Iterator[dict]:
-    pipeline = input_pipeline.InputPipeline(
-        source,
-        input_pipeline.PipelineConfig(global_batch_size=config.batch_size, seed=config.seed,
-                                      num_groups=config.age_group,
-                                      image_size=config.image_size,
-                                      crop_scale=config.data.crop_scale),
-        start_step=start_step)
-    for batch in pipeline:
-      yield {k: batch[k] for k in batch_lib.keys(config)}
-
-  return batches_fn
+  """A ``loop.train`` ``batches_fn``: the training pipeline over an in-memory source."""
+  return functools.partial(data_sources.TrainBatches, source=source)
 
 
 def finetune_config(aifr_dir, options, seed: int = 0):

@@ -93,14 +93,12 @@ def pair_list_set(entry: str, images_root: str, lfw_crop: bool, num_folds: int,
 
 def synthetic_set(data, max_pairs_per_fold: int, image_size: int) -> HeldOutSet:
   """The held-out pairs of a ``synthetic.SyntheticFaces``; faces resized once, now."""
-  pairs = datasets.limit_pair_rows(np.asarray(data.pairs), max_pairs_per_fold)
+  pairs, used, row = protocols.synthetic_pair_rows(data, max_pairs_per_fold)
   if not len(pairs):
     raise ValueError("config.eval.synthetic: the synthetic faces have no test pairs "
                      "(data.synthetic_faces.test_fraction=0?)")
-  used = np.unique(pairs[:, :2])  # Embed only the images some pair uses, each once.
   faces = np.stack([images_lib.resize_image(image, image_size)
                     for image in data.test.images[used]])
-  row = np.searchsorted(used, pairs[:, :2])
 
   def verify(embed, batch_size, sharding):
     embeddings = runner.extract_embeddings(embed, datasets.array_faces(faces, image_size),

@@ -111,11 +111,11 @@ def build_step(config, mesh: jax.sharding.Mesh) -> TrainStep:
   Returns:
     The :class:`TrainStep` that :func:`train` runs.
   """
-  models = spec_lib.build_from_config(config)
+  spec = spec_lib.from_config(config)
+  models = spec_lib.build(spec, config.dtype)
   txs = optim.optimizers_from_config(config)
   # The TPAMI StyleGAN2 FAS has its own step (same signature); everything else is steps.py's.
-  make_step = (tpami_steps.make_train_step if config.model.get("family", "cvpr") == "tpami"
-               else steps.make_train_step)
+  make_step = tpami_steps.make_train_step if spec.family == "tpami" else steps.make_train_step
   fn = make_step(models, config, fr_tx=txs.fr, g_tx=txs.g, d_tx=txs.d,
                  state_sharding=sharding.replicated(mesh),
                  batch_sharding=sharding.batch_sharded(mesh))
@@ -325,7 +325,7 @@ def _run(config, state, step_fn: TrainStep, batches_fn, ckpt, writer, hook) -> d
                        sharding.replicated(mesh))
   batches = batches_fn(config, start)
   skipped = _record_skips(getattr(batches, "report", None), writer, start)
-  batch_sharding = sharding.batch_sharded(mesh)
+  batch_sharding = step_fn.batch_sharding
   progress = writers.Progress(start, config.num_iter, config.batch_size, _task_name(config))
   preview = None
   pending = None  # (step, metrics) of the previous iteration, read one step late.
