@@ -66,6 +66,10 @@ def get_config() -> ml_collections.ConfigDict:
   # input augmentation ("translation", "cutout", comma-separated).
   c.fas_rec_loss_weight = 0.0
   c.fas_d_augment = ""
+  # Not in the reference (0 keeps it exact): the generator also keeps an
+  # exponential moving average of its weights, decay per step; evaluation,
+  # export and previews use the average (models/spec.py inference_variables).
+  c.fas_ema_decay = 0.0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 0.1             # reference --learning_rate

@@ -96,6 +96,7 @@ def read_checkpoint(path: str | Path, step: Optional[int] = None
   directory = checkpoint_io.checkpoint_dir(path)
   variables, meta, step = checkpoint_io.restore_variables(directory, step,
                                                           inference.INFERENCE_MODULES)
+  variables = spec_lib.inference_variables(variables)
   missing = [name for name in ("encoder", "age") if name not in variables]
   if missing:
     raise ExportError(f"checkpoint {directory} (step {step}) has no {' or '.join(missing)} "

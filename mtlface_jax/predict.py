@@ -190,6 +190,8 @@ def load(path, dtype: str = "float32", step: Optional[int] = None,
     path = path / "variables"
   variables, meta, saved_step = checkpoint_io.restore_variables(path, step)
   directory = checkpoint_io.checkpoint_dir(path)
+  averaged = spec_lib.GENERATOR_EMA in variables.get("generator", {})
+  variables = spec_lib.inference_variables(variables)
   if not variables:
     raise checkpoint_io.CheckpointError(f"checkpoint {directory} holds no variables")
   spec = spec_lib.from_meta(meta)
@@ -198,6 +200,8 @@ def load(path, dtype: str = "float32", step: Optional[int] = None,
                step=int(meta.get("step", saved_step)), modules=sorted(variables), dtype=dtype)
   if kind == "training":
     info["task"] = meta.get("task")
+  if averaged:
+    info["generator_weights"] = "moving average (fas_ema_decay)"
   if meta.get("layout"):
     info["layout"] = meta["layout"]
   loaded = LoadedModel(spec_lib.build(spec, dtype), variables, info)
@@ -219,7 +223,8 @@ def from_variables(variables: dict, config, dtype: Optional[str] = None) -> Load
   """
   spec = spec_lib.from_config(config)
   dtype = dtype or str(config.get("dtype", "float32"))
-  variables = jax.tree_util.tree_map(np.asarray, jax.device_get(dict(variables)))
+  variables = jax.tree_util.tree_map(
+      np.asarray, jax.device_get(spec_lib.inference_variables(dict(variables))))
   info = _info(spec, checkpoint="in-process", kind="in-process", modules=sorted(variables),
                dtype=dtype)
   return LoadedModel(spec_lib.build(spec, dtype), variables, info)

@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from mtlface_jax import checkpoint_io
 from mtlface_jax import losses
+from mtlface_jax import predict
 from mtlface_jax.models import discriminator as disc_lib
 from mtlface_jax.models import spec as spec_lib
 from mtlface_jax.training import augment
 from mtlface_jax.training import loop
 from mtlface_jax.training import optim
+from mtlface_jax.training import state as state_lib
 from mtlface_jax import batch as batch_lib
 
 
@@ -79,12 +82,39 @@ def test_fas_runs_with_every_departure(tmp_path):
   config.fas_d_augment = "translation,cutout"
   config.fas_rec_loss_weight = 10.0
   config.fas_gan_loss_weight = 1.0
+  config.fas_ema_decay = 0.5
   summary = loop.train(config, tmp_path, batches_fn=batch_lib.fake_batches)
   assert summary["step"] == 3 and summary["nonfinite_total"] == 0
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert all(np.isfinite(r["fas/g_loss"]) and np.isfinite(r["fas/g_rec"]) for r in records)
   # Uniform D logits at the start: its loss begins near log(G + 1).
   assert records[0]["fas/d_loss"] == pytest.approx(np.log(8), rel=0.2)
+  # The checkpoint keeps the trained weights and their average; loading predicts with the average.
+  saved, _, _ = checkpoint_io.restore_variables(tmp_path)
+  trained, averaged = saved["generator"]["params"], saved["generator"][spec_lib.GENERATOR_EMA]
+  gaps = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+      lambda a, b: np.abs(a - b).max(), trained, averaged))
+  assert max(gaps) > 0
+  loaded = predict.load(tmp_path)
+  assert spec_lib.GENERATOR_EMA not in loaded.variables["generator"]
+  assert "generator_weights" in loaded.info
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded.variables["generator"]["params"],
+                         averaged)
+
+
+def test_generator_average_restarts_at_step_zero_and_decays():
+  generator = {"params": {"w": jnp.zeros(2)}, spec_lib.GENERATOR_EMA: {"w": jnp.full(2, 9.0)},
+               "batch_stats": {"m": jnp.ones(1)}}
+  first = state_lib.generator_with_ema(generator, {"w": jnp.full(2, 4.0)}, jnp.array(0), 0.75)
+  # At step 0 the stale average (9) is replaced by the starting weights (0): 0.75*0 + 0.25*4.
+  np.testing.assert_allclose(first[spec_lib.GENERATOR_EMA]["w"], [1.0, 1.0])
+  np.testing.assert_array_equal(first["params"]["w"], [4.0, 4.0])
+  assert first["batch_stats"] is generator["batch_stats"]
+  later = state_lib.generator_with_ema(first, {"w": jnp.full(2, 8.0)}, jnp.array(1), 0.75)
+  np.testing.assert_allclose(later[spec_lib.GENERATOR_EMA]["w"], [2.75, 2.75])  # .75*1 + .25*8
+  off = state_lib.generator_with_ema({"params": {"w": jnp.zeros(2)}}, {"w": jnp.ones(2)},
+                                     jnp.array(5), 0.0)
+  assert set(off) == {"params"}
 
 
 def test_fas_learning_rate_decay():

@@ -36,6 +36,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 BACKBONES = {"ir34": 34, "ir50": 50, "ir64": 64, "ir101": 101}
 REFERENCE_IMAGE_SIZE = 112  # The published models are defined on 112x112 faces.
 MODULES = ("encoder", "head", "age", "da_age", "generator", "discriminator")
+# The generator's collection holding the moving average of its parameters
+# (training config ``fas_ema_decay`` > 0); inference uses it as ``params``.
+GENERATOR_EMA = "params_ema"
 
 # The encoder of each family as published (docs/architecture.md sections 1 and T1.1): the
 # released TPAMI model uses attention v2, dropout 0.4 and a normalised embedding.
@@ -293,6 +296,28 @@ def init_variables(models: MTLFaceModels, image_size: int, modules: Sequence[str
     raise ValueError(f"the model has no {missing} (not in its spec)")
   thunks = _initialisers(models, image_size, rngs)
   return {name: flax.core.unfreeze(thunks[name]()) for name in modules}
+
+
+def inference_variables(variables: dict) -> dict:
+  """The variables a model predicts with: the generator's moving average if it has one.
+
+  A FAS run with ``fas_ema_decay`` > 0 keeps ``generator/params_ema`` next to
+  the trained ``params``; the average is the generator that is evaluated,
+  exported and previewed (it does not carry the GAN's step-to-step swing).
+
+  Args:
+    variables: module name -> collections (a checkpoint's or a run's).
+
+  Returns:
+    The same mapping, with ``generator`` holding ``params`` = the average and
+    no ``params_ema`` (unchanged when there is none).
+  """
+  generator = variables.get("generator")
+  if not generator or GENERATOR_EMA not in generator:
+    return variables
+  averaged = {k: v for k, v in generator.items() if k != GENERATOR_EMA}
+  averaged["params"] = generator[GENERATOR_EMA]
+  return {**variables, "generator": averaged}
 
 
 def abstract_variables(models: MTLFaceModels, image_size: int,

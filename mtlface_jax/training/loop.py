@@ -250,7 +250,7 @@ def resume(ckpt: checkpoint_lib.Checkpointer, state: state_lib.TrainState,
 def _write_grid(writer, models, state, config, images, step):
   """Logs an age-progression grid of the fixed preview images."""
   fn = predict.jitted_all_groups(models, config.age_group)
-  synthesized = fn(state.variables, images)
+  synthesized = fn(spec_lib.inference_variables(dict(state.variables)), images)
   grid = predict.progression_grid(np.asarray(images), np.asarray(synthesized))
   writer.write_image(step, "fas/age_progression", grid,
                      writer.workdir / "images" / f"progression_{step:07d}.png")

@@ -55,8 +55,36 @@ def init_state(variables: dict, config, fr_tx: optax.GradientTransformation,
   if config.train_fr:
     opt_states["fr"] = fr_tx.init(fr_params(variables))
   if config.train_fas:
+    if config.get("fas_ema_decay", 0.0):
+      # Shapes only: the average starts from the weights at step 0 (after
+      # init_from), see :func:`generator_with_ema`.
+      variables = {**variables, "generator": {
+          **variables["generator"], spec_lib.GENERATOR_EMA: variables["generator"]["params"]}}
     opt_states["g"] = g_tx.init(variables["generator"]["params"])
     opt_states["d"] = d_tx.init(variables["discriminator"]["params"])
   zero = jnp.zeros((), jnp.int32)
   return TrainState(step=zero, variables=variables, opt_states=opt_states,
                     nonfinite_streak=zero, nonfinite_total=zero)
+
+
+def generator_with_ema(generator: dict, new_params: Any, step: jax.Array, decay: float) -> dict:
+  """The generator's collections after an update: new ``params`` and, if kept, their average.
+
+  Args:
+    generator: the generator's collections before the update (``params``,
+      optional ``params_ema`` and any others, which are kept).
+    new_params: the updated parameters.
+    step: the state's step before the update; at 0 the average restarts from
+      the weights the run started with (fresh or ``init_from``).
+    decay: ``config.fas_ema_decay``; 0 keeps no average.
+
+  Returns:
+    The collections with ``params`` = ``new_params`` (and ``params_ema``).
+  """
+  updated = {**generator, "params": new_params}
+  if decay:
+    previous = jax.tree_util.tree_map(lambda avg, start: jnp.where(step == 0, start, avg),
+                                      generator[spec_lib.GENERATOR_EMA], generator["params"])
+    updated[spec_lib.GENERATOR_EMA] = jax.tree_util.tree_map(
+        lambda avg, new: decay * avg + (1.0 - decay) * new, previous, new_params)
+  return updated

@@ -125,7 +125,9 @@ def fas_update(state: state_lib.TrainState, batch, rng, *, models, config,
   g_params = optax.apply_updates(v["generator"]["params"], g_updates)
 
   finite = jnp.isfinite(d_loss) & jnp.isfinite(g_loss) & _all_finite((d_grads, g_grads))
-  new_vars = {**v, "generator": {"params": g_params, **g_stats},
+  generator = state_lib.generator_with_ema(v["generator"], g_params, state.step,
+                                           config.get("fas_ema_decay", 0.0))
+  new_vars = {**v, "generator": {**generator, **g_stats},
               "discriminator": {"params": d_params, "spectral": spectral}}
   new_opts = {**state.opt_states, "g": g_opt, "d": d_opt}
   variables = _select(finite, new_vars, v)

@@ -132,7 +132,9 @@ def tpami_fas_update(state: state_lib.TrainState, batch, rng, *, models, config,
 
   finite = (jnp.isfinite(d_loss) & jnp.isfinite(g_loss)
             & steps._all_finite((d_grads, g_grads)))  # pylint: disable=protected-access
-  new_vars = {**v, "generator": {"params": g_params, "buffers": buffers},
+  generator = state_lib.generator_with_ema(v["generator"], g_params, state.step,
+                                           config.get("fas_ema_decay", 0.0))
+  new_vars = {**v, "generator": generator,
               "discriminator": {"params": d_params, "spectral": spectral}}
   new_opts = {**state.opt_states, "g": g_opt, "d": d_opt}
   select = steps._select  # pylint: disable=protected-access
