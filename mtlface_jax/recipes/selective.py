@@ -51,6 +51,7 @@ from mtlface_jax.formats import images as images_lib
 from mtlface_jax.models import spec as spec_lib
 from mtlface_jax.recipes import heldout
 from mtlface_jax.training import loop
+from mtlface_jax.training import sharding
 
 ARMS = ("no_finetune", "plain_finetune", "selective_finetune")
 
@@ -366,7 +367,7 @@ def run_ablation(config, workdir, from_dir) -> dict[str, Any]:
            "selective_finetune": prepared["keep"]}
   result = {"from": str(from_dir), "data": recipe.name, "selection": prepared["selection"],
             "options": options.to_dict(), "arms": {}}
-  batch = int(options.batch_size)
+  batch, step = int(options.batch_size), None
   for arm in arms:
     if arm == "no_finetune":
       summary = _evaluate(str(from_dir / "aifr"), recipe, workdir / arm / "eval", batch)
@@ -377,20 +378,36 @@ def run_ablation(config, workdir, from_dir) -> dict[str, Any]:
       continue
     source = training_source(recipe.real, recipe.sources, candidates, keeps[arm],
                              prepared["image_size"], prepared["num_groups"])
+    if step is None:
+      step = _finetune_step(from_dir / "aifr", options)
     result["arms"][arm] = {"num_synthetic": int(keeps[arm].sum()),
                            "num_real": len(recipe.real),
-                           **_finetune_runs(source, from_dir, workdir / arm, options, recipe)}
+                           **_finetune_runs(source, from_dir, workdir / arm, options, recipe,
+                                            step)}
   (workdir / "ablation.json").write_text(json.dumps(_jsonable(result), indent=2))
   return result
 
 
-def _finetune_runs(source, from_dir: Path, arm_dir: Path, options, recipe: RecipeData) -> dict:
+def _finetune_step(aifr_dir: Path, options) -> loop.TrainStep:
+  """The fine-tuning step, jitted once for every arm and seed.
+
+  The runs' configs differ only in ``seed``, which the step does not read
+  (``loop.train`` draws flips and dropout from the run's own config); the
+  seed of the step's fresh state does not matter either, since ``init_from``
+  replaces every variable with the AIFR run's (same model) and the optimizer
+  state starts at zero.
+  """
+  return loop.build_step(finetune_config(aifr_dir, options), sharding.make_mesh())
+
+
+def _finetune_runs(source, from_dir: Path, arm_dir: Path, options, recipe: RecipeData,
+                   step: loop.TrainStep) -> dict:
   """One fine-tuning run per ``options.ft_seeds``, each evaluated; mean and std."""
   runs = []
   for seed in options.ft_seeds:
     out = arm_dir / f"seed{seed}"
     trained = loop.train(finetune_config(from_dir / "aifr", options, seed), out,
-                         batches_fn=batches_from(source))
+                         batches_fn=batches_from(source), step=step)
     runs.append({"seed": int(seed), "steps": trained["step"],
                  "last_metrics": trained["last_metrics"],
                  "heldout": _evaluate(str(out), recipe, out / "eval", int(options.batch_size))})
