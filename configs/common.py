@@ -151,7 +151,8 @@ def get_config() -> ml_collections.ConfigDict:
   # the TPAMI paper publishes none of these (docs/architecture.md T2).
   c.selective = ml_collections.ConfigDict()
   # Ours: the identity threshold is the frozen encoder's threshold at this FAR on
-  # the held-out synthetic test pairs; a number in `tau` overrides it.
+  # the recipe's held-out verification pairs (synthetic test pairs; LFW folds
+  # 6-10 on real faces); a number in `tau` overrides it.
   c.selective.far = 1e-3
   c.selective.tau = ml_collections.FieldReference(None, field_type=float)
   # Ours: a short, constant, low learning rate (AIFR trains at 0.1).

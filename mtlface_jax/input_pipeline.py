@@ -180,6 +180,44 @@ def source_from_synthetic(split) -> Source:
   return source_from_arrays(split.images, split.ids, split.ages, split.genders)
 
 
+def concatenate(sources: Sequence[Source]) -> Source:
+  """Every example of ``sources``, in order, as one Source (reports merged).
+
+  Sources of one kind are joined as they are ('arrays' must share a shape:
+  resize first). An 'arrays' source joined with 'encoded' ones is encoded as
+  PNG first (lossless), so the encoded examples stay byte for byte what they
+  were, e.g. the real-data shards plus synthesized faces.
+
+  Args:
+    sources: the sources, at least one.
+
+  Returns:
+    The joined Source.
+
+  Raises:
+    ValueError: for 'files' joined with another kind, or arrays of different
+      shapes.
+  """
+  from mtlface_jax.formats import images as images_lib  # pylint: disable=g-import-not-at-top
+  kinds = {s.kind for s in sources}
+  if len(kinds) > 1 and kinds != {"arrays", "encoded"}:
+    raise ValueError(f"cannot join sources of kinds {sorted(kinds)}")
+  field = "images" if kinds == {"arrays"} else ("paths" if kinds == {"files"} else "encoded")
+
+  def values(s: Source) -> np.ndarray:
+    if field == "encoded" and s.kind == "arrays":
+      return np.array([images_lib.encode_png(image) for image in s.images], object)
+    return getattr(s, field)
+
+  joined = lambda get: np.concatenate([get(s) for s in sources])
+  report = ParseReport()
+  for s in sources:
+    report.merge(s.report)
+  return Source(ids=joined(lambda s: s.ids), ages=joined(lambda s: s.ages),
+                genders=joined(lambda s: s.genders), names=joined(lambda s: s.names),
+                report=report, **{field: joined(values)})
+
+
 def source_from_records(records: Iterable[Any], root: str | None = None,
                         skip_bad_examples: bool = False) -> Source:
   """A source over image files listed as (path, id, age, gender) records.

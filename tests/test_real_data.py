@@ -136,11 +136,10 @@ def test_people_in_seen_and_heldout_folds_are_refused():
     real_data.heldout_people(pairs)
 
 
-def test_recipe_end_to_end_on_a_tiny_model(shards_dir, tmp_path):
-  """Shards -> AIFR -> FAS -> held-out report, with the tiny test model."""
+def tiny_recipe_config(shards_dir: Path):
+  """``configs/real_lfw_utkface.py:cpu`` with the tiny test model on the fake shards."""
   from configs import real_lfw_utkface
   from configs import tiny
-  from mtlface_jax.recipes import lfw_utkface as real_recipe
   config = real_lfw_utkface.get_config("cpu")
   small = tiny.get_config()
   for key in ("dtype", "image_size", "batch_size"):
@@ -151,6 +150,13 @@ def test_recipe_end_to_end_on_a_tiny_model(shards_dir, tmp_path):
   config.num_iter, config.fas_num_iter = 2, 1
   config.optim.warmup, config.optim.milestone = 1, (1, 2)
   config.log_every, config.checkpoint_every = 1, 2
+  return config
+
+
+def test_recipe_end_to_end_on_a_tiny_model(shards_dir, tmp_path):
+  """Shards -> AIFR -> FAS -> held-out report, with the tiny test model."""
+  from mtlface_jax.recipes import lfw_utkface as real_recipe
+  config = tiny_recipe_config(shards_dir)
   report = real_recipe.run(config, tmp_path / "run", progress=False)
   summary = report["summary"]
   assert 0 <= summary["lfw_heldout_accuracy"] <= 1
@@ -161,3 +167,47 @@ def test_recipe_end_to_end_on_a_tiny_model(shards_dir, tmp_path):
   assert set(report["timings"]) >= {"prepare_s", "aifr_s", "fas_s", "eval_s", "total_s"}
   saved = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
   assert saved["summary"]["lfw_heldout_accuracy"] == summary["lfw_heldout_accuracy"]
+
+
+def test_selective_ablation_on_the_real_recipe(shards_dir, tmp_path):
+  """The three arms from a real-recipe workdir (untrained tiny runs), held-out LFW each."""
+  from mtlface_jax.recipes import stages
+  from tests import test_eval_cli
+  fas = tiny_recipe_config(shards_dir)
+  fas.train_fr, fas.train_fas = False, True
+  aifr = fas.copy_and_resolve_references()
+  aifr.train_fr, aifr.train_fas = True, False
+  workdir = tmp_path / "real_run"
+  test_eval_cli.write_untrained_checkpoint(aifr, workdir / "aifr")
+  test_eval_cli.write_untrained_checkpoint(fas, workdir / "fas")
+  s = fas.selective
+  s.ft_num_iter, s.ft_warmup, s.ft_seeds, s.batch_size, s.chunk = 1, 0, (0,), 16, 16
+  result = stages.selective_finetuning(fas, workdir)
+  written = json.loads((workdir / "selective" / "ablation.json").read_text())
+  assert written["data"] == "face_shards" and set(written["arms"]) == {
+      "no_finetune", "plain_finetune", "selective_finetune"}
+  selection = written["selection"]
+  # The 23 LFW training faces (UTKFace has no identities), each into the 6 groups
+  # other than the one the frozen estimator gives it.
+  assert selection["num_sources"] == 23 and selection["candidates"] == 23 * 6
+  assert selection["tau_source"] == "threshold at FAR 0.001 on the held-out LFW folds 6-10 pairs"
+  assert "estimator" in selection["own_group"]
+  per_group = selection["per_group"]
+  assert len(per_group) == fas.age_group
+  assert sum(g["candidates"] for g in per_group.values()) == 23 * 6
+  assert all(g["kept_fraction"] is None or 0 <= g["kept_fraction"] <= 1
+             for g in per_group.values())
+  arms = written["arms"]
+  assert arms["plain_finetune"]["num_synthetic"] == 23 * 6
+  assert arms["selective_finetune"]["num_synthetic"] == selection["kept"]
+  for entry in arms.values():
+    assert entry["num_real"] == 31  # all of the recipe's training faces
+    heldouts = [r["heldout"] for r in entry.get("runs", [])] or [entry["heldout"]]
+    for summary in heldouts:
+      assert np.isfinite(summary["lfw_heldout_accuracy"])
+      assert summary["verification_accuracy"] == summary["lfw_heldout_accuracy"]
+      assert np.isfinite(summary["utkface_heldout_mae"])
+  assert [r["steps"] for r in arms["plain_finetune"]["runs"]] == [1]
+  report = json.loads((workdir / "selective" / "no_finetune" / "eval" / "report.json").read_text())
+  assert report["verification"]["lfw_folds_6_10"]["fold_labels"] == [5, 6, 7, 8, 9]
+  assert result["selection"]["tau"] == selection["tau"]

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from configs import selective_ft
+from mtlface_jax import input_pipeline
 from mtlface_jax import synthetic
 from mtlface_jax.evaluation import verification
+from mtlface_jax.formats import images as images_lib
 from mtlface_jax.recipes import selective
 from mtlface_jax.recipes import stages
 from tests import test_eval_cli
@@ -64,17 +66,91 @@ def tiny_run_configs():
   return aifr, fas
 
 
+def _sources(split) -> selective.SourceFaces:
+  return selective.SourceFaces(lambda idx: split.images[idx], split.ids, split.ages,
+                               split.genders)
+
+
 def test_training_source_appends_kept_faces_under_their_source():
   split = synthetic.make_dataset(3, 2, seed=0, test_fraction=0.0).train
   candidates = {"images": np.full((3, 16, 16, 3), 7, np.uint8), "source": np.array([0, 4, 5]),
                 "target_group": np.array([6, 0, 2])}
   keep = np.array([True, False, True])
-  source = selective.training_source(split, candidates, keep, image_size=16, num_groups=7)
+  real = input_pipeline.source_from_synthetic(split)
+  source = selective.training_source(real, _sources(split), candidates, keep, image_size=16,
+                                     num_groups=7)
   assert len(source) == len(split.ids) + 2 and source.images.shape[1:] == (16, 16, 3)
   np.testing.assert_array_equal(source.ids[-2:], split.ids[[0, 5]])
   np.testing.assert_array_equal(source.genders[-2:], split.genders[[0, 5]])
   np.testing.assert_allclose(source.ages[-2:], [65, 25])
   assert (source.images[-2:] == 7).all()
+
+
+def test_kept_faces_join_encoded_real_faces_losslessly():
+  """Shard-like (JPEG) real faces stay as they are; synthetic faces become PNG."""
+  rng = np.random.default_rng(0)
+  real = input_pipeline.Source(ids=[3, -1], ages=[-1, 30], genders=[-1, 1],
+                               encoded=np.array([b"jpeg0", b"jpeg1"], object),
+                               names=np.array(["lfw/a", "utkface/b"], object))
+  sources = selective.SourceFaces(None, np.array([3, 4]), np.array([-1.0, -1.0]),
+                                  np.array([-1, -1]))
+  faces = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+  candidates = {"images": faces, "source": np.array([1, 0]), "target_group": np.array([0, 3])}
+  source = selective.training_source(real, sources, candidates, np.array([True, True]),
+                                     image_size=8, num_groups=7)
+  assert source.kind == "encoded" and len(source) == 4
+  np.testing.assert_array_equal(source.ids, [3, -1, 4, 3])
+  np.testing.assert_allclose(source.ages, [-1, 30, 5, 35])
+  np.testing.assert_array_equal(source.genders, [-1, 1, -1, -1])
+  assert source.encoded[:2].tolist() == [b"jpeg0", b"jpeg1"]
+  for k in (0, 1):
+    np.testing.assert_array_equal(images_lib.decode_image_bytes(source.encoded[2 + k]), faces[k])
+  assert source.names[2] == "synthetic: source 1 -> group 0"
+  with pytest.raises(ValueError, match="cannot join"):
+    input_pipeline.concatenate([real, input_pipeline.Source(ids=[0], ages=[1], genders=[0],
+                                                            paths=np.array(["x.jpg"]))])
+
+
+def test_own_group_is_the_age_label_else_the_estimator():
+  groups = selective.own_groups(np.array([-1.0, 35.0, -1.0, 5.0]), np.array([2, 0, 5, 6]), 7)
+  np.testing.assert_array_equal(groups, [2, 3, 5, 0])
+
+
+class _FakeRunner:
+  """Estimator group = a face's mean value bucket; synthesis paints the group number."""
+  image_size, num_groups = 8, 4
+
+  def estimate_ages(self, faces, progress=False):
+    del progress
+    level = np.asarray(faces).mean(axis=(1, 2, 3))  # in [-1, 1]
+    group = np.clip(((level + 1) / 2 * self.num_groups).astype(int), 0, self.num_groups - 1)
+    return {"group": group, "embedding": np.ones((len(group), 2)) / np.sqrt(2)}
+
+  def synthesize(self, faces, progress=False):
+    del progress
+    levels = (np.arange(self.num_groups) + 0.5) / self.num_groups * 2 - 1
+    return np.broadcast_to(levels[None, :, None, None, None],
+                           (len(faces), self.num_groups, 8, 8, 3)).astype(np.float32)
+
+
+def test_candidates_skip_the_own_group_by_label_or_by_the_estimator():
+  # Face 0: age unknown, mid-grey (estimator group 2); face 1: age 70 (group 3 of 4).
+  images = np.stack([np.full((8, 8, 3), 160, np.uint8), np.full((8, 8, 3), 0, np.uint8)])
+  sources = selective.SourceFaces(lambda idx: images[idx], np.array([0, 1]),
+                                  np.array([-1.0, 70.0]), np.array([-1, 0]))
+  candidates = selective.synthesize_candidates(_FakeRunner(), sources, chunk=1)
+  np.testing.assert_array_equal(candidates["source"], [0, 0, 0, 1, 1, 1])
+  np.testing.assert_array_equal(candidates["target_group"], [0, 1, 3, 0, 1, 2])
+  np.testing.assert_array_equal(candidates["estimated_group"], candidates["target_group"])
+  np.testing.assert_allclose(candidates["cosine"], 1.0)
+  assert candidates["images"].dtype == np.uint8
+
+
+def test_unknown_recipe_data_is_refused():
+  config = selective_ft.get_config()
+  config.data.name = "tfds"
+  with pytest.raises(ValueError, match="knows synthetic_faces"):
+    selective.recipe_data(config)
 
 
 def test_arms_end_to_end(tmp_path):

@@ -55,10 +55,9 @@ def main(argv):
   report = run_demo(_CONFIG.value, _WORKDIR.value)
   print(json.dumps(report, indent=2, default=float))
   if _SELECTIVE.value:
+    from mtlface_jax.recipes import selective  # pylint: disable=g-import-not-at-top
     from mtlface_jax.recipes import stages  # pylint: disable=g-import-not-at-top
-    ablation = stages.selective_finetuning(_CONFIG.value, _WORKDIR.value)
-    print(json.dumps({arm: {k: v for k, v in entry.items() if k.startswith("verification")}
-                      for arm, entry in ablation["arms"].items()}, indent=2, default=float))
+    print(selective.brief(stages.selective_finetuning(_CONFIG.value, _WORKDIR.value)))
 
 
 if __name__ == "__main__":

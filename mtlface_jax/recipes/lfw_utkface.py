@@ -9,7 +9,8 @@ builds the shards if ``config.data.face_shards.dir`` has none
 (:mod:`mtlface_jax.real_data`), trains AIFR then FAS
 (:mod:`mtlface_jax.recipes.stages`; both resume), and writes
 ``workdir/eval/report.json`` / ``report.txt`` / ``roc.png`` and the
-age-progression grid of 8 held-out faces:
+age-progression grid of 8 held-out faces (``--selective``: then the selective
+fine-tuning ablation into ``workdir/selective``, ``recipes/selective.py``):
 
   * verification on LFW folds 6-10 (people never trained on), the 10-fold
     protocol restricted to those 5 folds: each fold's threshold is chosen on
@@ -132,6 +133,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   report = run(_CONFIG.value, _WORKDIR.value)
   print(json.dumps({"summary": report["summary"], "timings": report["timings"]}, indent=2))
+  if _SELECTIVE.value:
+    from mtlface_jax.recipes import selective  # pylint: disable=g-import-not-at-top
+    from mtlface_jax.recipes import stages  # pylint: disable=g-import-not-at-top
+    print(selective.brief(stages.selective_finetuning(_CONFIG.value, _WORKDIR.value)))
 
 
 if __name__ == "__main__":
@@ -141,4 +146,7 @@ if __name__ == "__main__":
   _CONFIG = config_flags.DEFINE_config_file("config", "configs/real_lfw_utkface.py",
                                             "Recipe config.", lock_config=True)
   _WORKDIR = flags.DEFINE_string("workdir", "real_out", "Output directory.")
+  _SELECTIVE = flags.DEFINE_bool(
+      "selective", False, "Then run the selective fine-tuning ablation (TPAMI) into "
+      "WORKDIR/selective (config section `selective`, docs/selective_finetuning.md).")
   app.run(main)
