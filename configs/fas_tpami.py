@@ -19,7 +19,7 @@ encoder trunk and the age estimator are frozen; only the generator's
 112 px faces) on the procedural faces, for tests and CPU smoke runs.
 
 ``:demo_aifr`` then ``:demo`` are the CPU demo of the TPAMI family on the
-procedural faces (README "TPAMI face age synthesis on the procedural faces"):
+procedural faces (README "The TPAMI decoder trained here"):
 AIFR of a TPAMI encoder (attention v2; CVPR-family encoders do not transfer,
 their channel attention is half as wide), then this FAS from it, scored with
 ``tools/fas_truth_eval.py``::
@@ -34,8 +34,8 @@ from configs import common
 from configs import default
 from configs import tiny
 
-# Sized on the 2-core CPU (docs/evaluation.md "TPAMI decoder"): AIFR, FAS and the
-# truth evaluation in ~30 minutes.
+# Sized on the 2-core CPU: AIFR 4 min, FAS 16 min (half of it the step's compile), the
+# truth evaluation 1.5 min at load ~8 (README "The TPAMI decoder trained here").
 DEMO_AIFR_STEPS = 250
 DEMO_FAS_STEPS = 200
 
@@ -72,10 +72,15 @@ def _tiny(c):
   c.model.depths = (8, 16, 32, 64)
   c.model.num_classes = 10
   c.model.discriminator_features = (8, 8, 16, 16, 16)
+  _small_generator(c)
+  tiny.small_run(c)
+
+
+def _small_generator(c):
+  """The reduced style path + StyleGAN2 decoder of ``:tiny`` and ``:demo``."""
   c.model.tpami_generator.style_dim = 32
   c.model.tpami_generator.channels = (32, 32, 32, 24, 16, 16)
   c.model.tpami_generator.mapping_layers = 2
-  tiny.small_run(c)
 
 
 def _demo(c, aifr: bool):
@@ -96,9 +101,10 @@ def _demo(c, aifr: bool):
   c.image_size = 112
   c.model.depths = (8, 16, 32, 64)  # :tiny's; 112 px costs ~3x the demo's 64 px per face
   c.model.discriminator_features = (8, 16, 32, 64, 64)
-  c.model.tpami_generator.style_dim = 32
-  c.model.tpami_generator.channels = (32, 32, 32, 24, 16, 16)
-  c.model.tpami_generator.mapping_layers = 2
+  _small_generator(c)
+  # default.py's L1 reconstruction (fas_rec_loss_weight 10) stays beside the TPAMI
+  # step's own L2 one (fas_tpami_rec_loss_weight 1): a decoder that redraws the
+  # whole image needs the pull toward the input most.
   c.batch_size = 16
   c.num_iter = DEMO_AIFR_STEPS
   c.fas_num_iter = DEMO_FAS_STEPS
