@@ -13,7 +13,8 @@ from configs import common
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VARIANTS = [(path.stem, "") for path in sorted(CONFIGS.glob("*.py"))
             if path.stem not in ("__init__", "common")]
-VARIANTS += [("default", "cpu"), ("real_lfw_utkface", "cpu")]
+VARIANTS += [("default", "cpu"), ("real_lfw_utkface", "cpu"), ("fas_tpami", "tiny"),
+             ("fas_tpami", "demo"), ("fas_tpami", "demo_aifr")]
 
 
 def _keys(config: ml_collections.ConfigDict, prefix: str = "") -> set[str]:

@@ -71,6 +71,26 @@ def test_tiny_config_builds_the_tpami_generator():
     fas_tpami.get_config("huge")
 
 
+def test_demo_aifr_trains_the_encoder_that_demo_fas_loads():
+  """configs/fas_tpami.py:demo_aifr is AIFR of the TPAMI encoder (steps.py's step, not
+  tpami_steps'), and every encoder / age variable it trains has the path and shape
+  the :demo FAS model expects, so init_from transfers them all (training/transfer.py)."""
+  aifr, fas = fas_tpami.get_config("demo_aifr"), fas_tpami.get_config("demo")
+  assert (aifr.train_fr, aifr.train_fas, fas.train_fr, fas.train_fas) == (True, False, False, True)
+  assert aifr.image_size == fas.image_size == 112 and aifr.eval_every > 0
+  step = loop.build_step(aifr, sharding.make_mesh())
+  assert "fr" in jax.eval_shape(step.initial_state, jax.random.PRNGKey(0)).opt_states
+
+  def shapes(config):
+    models = spec_lib.build(spec_lib.from_config(config))
+    tree = jax.eval_shape(lambda: spec_lib.init_variables(
+        models, config.image_size, ("encoder", "age"), jax.random.PRNGKey(0)))
+    return {jax.tree_util.keystr(p): v.shape
+            for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+  assert shapes(aifr) == shapes(fas)
+
+
 def test_step_traces_in_the_default_suite():
   """The whole TPAMI step, traced (shapes only, no compile): a changed signature of
   the steps it shares with the CVPR FAS fails here, not only under MTLFACE_SLOW_TESTS."""

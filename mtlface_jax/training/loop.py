@@ -114,8 +114,11 @@ def build_step(config, mesh: jax.sharding.Mesh) -> TrainStep:
   spec = spec_lib.from_config(config)
   models = spec_lib.build(spec, config.dtype)
   txs = optim.optimizers_from_config(config)
-  # The TPAMI StyleGAN2 FAS has its own step (same signature); everything else is steps.py's.
-  make_step = tpami_steps.make_train_step if spec.family == "tpami" else steps.make_train_step
+  # The TPAMI StyleGAN2 FAS has its own step (same signature); everything else,
+  # AIFR of a TPAMI-family encoder included, is steps.py's (tpami_steps refuses
+  # train_fr, so joint MTL of that family still fails there with its message).
+  tpami_fas = spec.family == "tpami" and config.train_fas
+  make_step = tpami_steps.make_train_step if tpami_fas else steps.make_train_step
   fn = make_step(models, config, fr_tx=txs.fr, g_tx=txs.g, d_tx=txs.d,
                  state_sharding=sharding.replicated(mesh),
                  batch_sharding=sharding.batch_sharded(mesh))
