@@ -100,21 +100,22 @@ def test_step_traces_in_the_default_suite():
   new_state, metrics = jax.eval_shape(step.fn, state, batch_lib.spec(config),
                                       jax.random.PRNGKey(1))
   assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
-  for key in ("fas/g_loss", "fas/g_rec", "fas/g_latent_reg", "fas/d_loss"):
+  for key in ("fas/g_loss", "fas/g_rec", "fas/g_tpami_rec", "fas/g_latent_reg", "fas/d_loss"):
     assert metrics[key].shape == (), key
 
 
 def test_loss_terms_are_finite_and_add_up(one_step):
   config, _, _, metrics = one_step
   for key in ("fas/d_loss", "fas/g_loss", "fas/g_gan", "fas/g_id", "fas/g_age", "fas/g_rec",
-              "fas/g_latent_reg", "fas/g_grad_norm", "fas/d_grad_norm"):
+              "fas/g_tpami_rec", "fas/g_latent_reg", "fas/g_grad_norm", "fas/d_grad_norm"):
     assert np.isfinite(metrics[key]), key
   assert int(metrics["nonfinite_total"]) == 0
-  assert metrics["fas/g_rec"] > 0 and metrics["fas/rec_fraction"] == pytest.approx(0.5)
+  assert metrics["fas/g_tpami_rec"] > 0 and metrics["fas/rec_fraction"] == pytest.approx(0.5)
   expected = (config.fas_gan_loss_weight * metrics["fas/g_gan"]
               + config.fas_id_loss_weight * metrics["fas/g_id"]
               + config.fas_age_loss_weight * metrics["fas/g_age"]
-              + config.fas_tpami_rec_loss_weight * metrics["fas/g_rec"]
+              + config.fas_rec_loss_weight * metrics["fas/g_rec"]
+              + config.fas_tpami_rec_loss_weight * metrics["fas/g_tpami_rec"]
               + config.fas_tpami_latent_reg_weight * metrics["fas/g_latent_reg"])
   np.testing.assert_allclose(metrics["fas/g_loss"], expected, rtol=1e-5)
 
@@ -152,7 +153,7 @@ def test_generator_loss_known_answer(monkeypatch):
     return float(value), metrics
 
   value, metrics = loss(fas_tpami_rec_loss_weight=0.0, fas_tpami_latent_reg_weight=0.0)
-  assert value == 0.0 and float(metrics["fas/g_rec"]) == pytest.approx(4.0)
+  assert value == 0.0 and float(metrics["fas/g_tpami_rec"]) == pytest.approx(4.0)
   assert loss(fas_tpami_rec_loss_weight=0.5, fas_tpami_latent_reg_weight=0.0)[0] == pytest.approx(2.0)
   assert loss(fas_tpami_rec_loss_weight=0.5, fas_tpami_latent_reg_weight=0.0,
               fas_tpami_rec_norm="l1")[0] == pytest.approx(1.0)
@@ -171,7 +172,7 @@ def test_train_py_path_resumes_bit_identically(tmp_path, one_step):
   del one_step  # compiled first: the loop runs hit the persistent cache
   config = _config(num_iter=2, checkpoint_every=1)
   summary = loop.train(config, tmp_path / "straight", batches_fn=batch_lib.fake_batches)
-  assert summary["step"] == 2 and "fas/g_rec" in summary["last_metrics"]
+  assert summary["step"] == 2 and "fas/g_tpami_rec" in summary["last_metrics"]
   loop.train(_config(num_iter=1, checkpoint_every=1), tmp_path / "resumed",
              batches_fn=batch_lib.fake_batches)
   loop.train(config, tmp_path / "resumed", batches_fn=batch_lib.fake_batches)

@@ -86,7 +86,8 @@ def tpami_generator_loss(outputs, *, batch, models, config, variables, d_variabl
   reg = latent_regulariser(latents)
   loss = (cvpr_loss + config.fas_tpami_rec_loss_weight * rec
           + config.fas_tpami_latent_reg_weight * reg)
-  metrics = {**metrics, "fas/g_rec": rec, "fas/g_latent_reg": reg,
+  # Its own name: "fas/g_rec" is the CVPR L1 reconstruction, also in the loss.
+  metrics = {**metrics, "fas/g_tpami_rec": rec, "fas/g_latent_reg": reg,
              "fas/rec_fraction": jnp.mean(same.astype(jnp.float32))}
   return loss, (spectral, metrics)
 
