@@ -104,6 +104,9 @@ def test_resume_with_another_computation_is_refused(tmp_path):
   assert not (tmp_path / run_config.HISTORY_DIR).exists()
   # Allowed keys pass; a model change allowed through names parameter and key.
   assert run_config.changed_keys(_config(), _config(num_iter=60, log_every=7))[0] == []
+  # The selective ablation's keys are read after training only.
+  refused, allowed = run_config.changed_keys(_config(), _config(**{"selective.ft_lr": 0.5}))
+  assert refused == [] and allowed == ["selective.ft_lr: 0.01 -> 0.5"]
   bigger = _config(resume_config_change="allow", **{"model.depths": (8, 8, 16, 32)})
   with pytest.raises(transfer.VariableMismatchError) as error:
     loop.train(bigger, tmp_path, batches_fn=batch_lib.fake_batches)

@@ -29,7 +29,14 @@ RESUME_ALLOWED = frozenset({
     "resume_config_change",
     "data.verify_images",  # how files are checked up front, not which are used
 })
+# Config sections no training step reads: the selective fine-tuning ablation
+# (recipes/selective.py) runs after training, from the finished checkpoints.
+RESUME_ALLOWED_SECTIONS = ("selective.",)
 POLICIES = ("refuse", "allow")
+
+
+def _allowed_keys_text() -> str:
+  return ", ".join(sorted(RESUME_ALLOWED) + [f"{s}*" for s in RESUME_ALLOWED_SECTIONS])
 
 
 class ResumeConfigError(ValueError):
@@ -72,7 +79,8 @@ def changed_keys(saved: Any, current: Any) -> tuple[list[str], list[str]]:
     if key not in old or old.get(key) == new.get(key):
       continue
     line = f"{key}: {json.dumps(old[key])} -> {json.dumps(new.get(key, '(removed)'))}"
-    (allowed if key in RESUME_ALLOWED else refused).append(line)
+    harmless = key in RESUME_ALLOWED or key.startswith(RESUME_ALLOWED_SECTIONS)
+    (allowed if harmless else refused).append(line)
   return refused, allowed
 
 
@@ -103,7 +111,7 @@ def check_resume(saved: Any, current: Any, step: int) -> list[str]:
         f"this workdir's checkpoint (step {step}) was written with another config, and "
         f"resuming would change what training computes: {'; '.join(refused)}. Use the "
         "original values, a new --workdir, or --config.resume_config_change=allow to "
-        "resume anyway (keys a resume may change: " + ", ".join(sorted(RESUME_ALLOWED)) + ")")
+        f"resume anyway (keys a resume may change: {_allowed_keys_text()})")
   if refused:
     logging.warning("resume_config_change=allow: resuming step %d with changed %s", step,
                     "; ".join(refused))
