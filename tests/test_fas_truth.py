@@ -237,9 +237,7 @@ def _random_variables(models, image_size: int, modules, seed: int = 0) -> dict:
   busy 2-core CPU; ``eval_shape`` only traces it. Weights ~ N(0, 0.05), batch
   norm variances 1, buffers (noise maps, ``latent_avg``) 0.
   """
-  shapes = jax.eval_shape(
-      lambda rng: spec_lib.init_variables(models, image_size, modules, rng),
-      jax.random.PRNGKey(seed))
+  shapes = spec_lib.abstract_variables(models, image_size, modules)
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
