@@ -25,8 +25,15 @@ Metrics = dict[str, jax.Array]
 
 
 def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+  """Whether every element of ``tree`` is finite, through its global norm.
+
+  A NaN or inf anywhere makes the norm non-finite (so does a sum of squares
+  past float32's range, ~1e19 per element: a step worth skipping too). Not
+  per-leaf ``all(isfinite)``: XLA copies that chain of ~200 scalar ANDs into
+  each of the ~400 selects of ``_select`` (the square root is not copied),
+  which made the tiny FAS step compile 3x slower on the CPU (40 s -> 12 s).
+  """
+  return jnp.isfinite(optax.global_norm(tree))
 
 
 def _select(ok: jax.Array, new, old):
