@@ -11,6 +11,7 @@ from mtlface_jax import batch as batch_lib
 from mtlface_jax import checkpoint_io
 from mtlface_jax.training import loop
 from mtlface_jax.training import optim
+from mtlface_jax.training import steps
 
 
 def _config(**overrides):
@@ -105,6 +106,17 @@ def test_four_devices_match_one(tmp_path):
   a, _ = _params(tmp_path / "one")
   b, _ = _params(tmp_path / "four")
   jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=2e-5), a, b)
+
+
+def test_all_finite_sees_one_nan_or_inf_in_any_leaf():
+  grads = {"a": np.ones((3, 2), np.float32), "b": [np.zeros(4, np.float32), np.float32(2.0)]}
+  assert bool(steps._all_finite(grads))  # pylint: disable=protected-access
+  for bad in (np.nan, np.inf, -np.inf):
+    broken = jax.tree_util.tree_map(np.copy, grads)
+    broken["b"][0][3] = bad
+    assert not bool(steps._all_finite(broken)), bad  # pylint: disable=protected-access
+  # Finite elements whose squares overflow float32 also stop the step.
+  assert not bool(steps._all_finite({"a": np.full(2, 3e19, np.float32)}))  # pylint: disable=protected-access
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
