@@ -26,7 +26,8 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
-# Also the tests too slow for CI's budget (the TPAMI training step's compile).
+# Also the tests too slow for CI's budget (the TPAMI training step's compile,
+# the CPU dry runs of the two GPU scripts).
 test-slow: $(STAMP)
 	MTLFACE_SLOW_TESTS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 

@@ -26,6 +26,15 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+# `make test-slow` sets it: the tests too slow for CI's 10 minutes run only then.
+SLOW_TESTS = bool(os.environ.get("MTLFACE_SLOW_TESTS"))
+
+
+def slow(why: str):
+  """Marks a test that runs only with ``MTLFACE_SLOW_TESTS=1`` (``make test-slow``)."""
+  return pytest.mark.skipif(not SLOW_TESTS, reason=f"{why}: MTLFACE_SLOW_TESTS=1")
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
   """``../shared`` beside the checkout; tests needing it skip when absent."""
@@ -54,10 +63,10 @@ def torch_layouts() -> dict:
 # xdist hands out whole files in collection order (the Makefile turns its own
 # reordering by test count off), so starting with the long ones lets the two
 # workers finish together instead of one waiting on a long file at the end.
-SLOWEST_FIRST = ("test_training.py", "test_train_process.py", "test_benchmarks.py",
-                 "test_tpami.py", "test_eval_cli.py", "test_real_recipe_gpu.py",
-                 "test_fas_knobs.py", "test_train_multiprocess.py", "test_reliability.py",
-                 "test_real_data.py", "test_app.py", "test_selective.py")
+SLOWEST_FIRST = ("test_train_process.py", "test_training.py", "test_real_data.py",
+                 "test_train_multiprocess.py", "test_fas_knobs.py", "test_tpami.py",
+                 "test_eval_cli.py", "test_benchmarks.py", "test_reliability.py",
+                 "test_selective.py", "test_app.py", "test_fas_truth.py")
 
 
 def pytest_collection_modifyitems(config, items):

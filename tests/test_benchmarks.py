@@ -18,6 +18,7 @@ from benchmarks import side_by_side  # pylint: disable=g-import-not-at-top
 from benchmarks import train_loop  # pylint: disable=g-import-not-at-top
 from benchmarks import train_throughput  # pylint: disable=g-import-not-at-top
 from mtlface_jax.models import layers  # pylint: disable=g-import-not-at-top
+from tests import conftest  # pylint: disable=g-import-not-at-top
 
 
 def test_parse_run_accepts_tasks_and_rejects_bad_input():
@@ -174,6 +175,9 @@ def test_side_by_side_plan_orders_children_and_groups_them():
   assert len(side_by_side.plan(tiny)) == 2 and tiny.runs == side_by_side.TINY_RUNS
 
 
+# side_by_side's planning and JSON are tested above in the default suite; the
+# script's whole CPU dry run (JAX and PyTorch) costs ~65 s of CI's 10 minutes.
+@conftest.slow("the GPU script's CPU dry run (about a minute)")
 def test_device_check_dry_run_writes_one_side_by_side_json(tmp_path):
   """The GPU script's own path with tiny shapes on the CPU: JAX and PyTorch, same batches."""
   env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)

@@ -16,6 +16,8 @@ import tarfile
 
 import pytest
 
+from tests import conftest
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 # What the device tool brings back: at most 8 files, names of letters, digits, '.', '_', '-'.
@@ -44,6 +46,10 @@ def test_mini_real_data_keeps_fold_structure(tmp_path):
   assert counts["utkface_images"] == 5 == len(list((tmp_path / "utkface").iterdir()))
 
 
+# The recipe's library path is tested in the default suite
+# (test_real_data.py::test_recipe_end_to_end_on_a_tiny_model); this adds the
+# script's shell plumbing for ~55 s of CI's 10 minutes.
+@conftest.slow("the GPU script's CPU dry run (about a minute)")
 def test_real_recipe_gpu_dry_run_brings_back_the_report(tmp_path):
   if not (DATA / "lfw" / "pairs.txt").is_file() or not (DATA / "utkface").is_dir():
     pytest.skip("../shared/data is not present")

@@ -8,7 +8,6 @@ suite's budget, so the tests that need it run with ``MTLFACE_SLOW_TESTS=1``
 (``make test-slow``); the config and the loss's known answer run always.
 """
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +23,7 @@ from mtlface_jax.training import loop
 from mtlface_jax.training import sharding
 from mtlface_jax.training import steps
 from mtlface_jax.training import tpami_steps
+from tests import conftest
 
 
 def _config(**overrides):
@@ -46,7 +46,7 @@ def one_step():
   """(config, variables before, variables after, metrics) of one compiled TPAMI step."""
   config = _config()
   mesh = sharding.make_mesh()
-  if not os.environ.get("MTLFACE_SLOW_TESTS"):
+  if not conftest.SLOW_TESTS:
     pytest.skip("compiles the TPAMI training step (minutes on a CPU): MTLFACE_SLOW_TESTS=1")
   step = loop.build_step(config, mesh)
   state = step.create_state()
