@@ -93,53 +93,46 @@ def _variables(workdir: Path, step: Optional[int] = None) -> dict:
   return {"step": int(raw["step"]), "variables": raw["variables"], "opt": raw["opt_states"]}
 
 
-def test_sigterm_then_resume_matches_uninterrupted(tmp_path, straight):
-  """SIGTERM saves and exits with "resume me"; the resumed run ends as the straight one.
-
-  (kill -9 and its resume: the next test, which kills inside an async save.)
-  """
-  steps = ["--config.num_iter=10"]
-  preempted = _start(tmp_path / "stopped", steps)
-  seen = _wait_for_checkpoint(tmp_path / "stopped", preempted, 4)
-  preempted.send_signal(signal.SIGTERM)
-  out = _finish(preempted, status=loop.EXIT_PREEMPTED)  # SIGTERM: saved, "resume me"
-  assert "stopped by SIGTERM" in out
-  assert _variables(tmp_path / "stopped")["step"] >= seen
-  _finish(_start(tmp_path / "stopped", steps))
-  a, b = _variables(straight()), _variables(tmp_path / "stopped")
-  assert a["step"] == b["step"] == 10
-  # In one process resume is bit-identical (test_training.py); across fresh
-  # processes XLA:CPU has shown 1-ulp differences, hence the float32-ulp bound.
-  close = lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
-  jax.tree_util.tree_map(close, a["variables"], b["variables"])
-  jax.tree_util.tree_map(close, a["opt"], b["opt"])
-
-
-def test_sigkill_during_an_async_save_then_resume_is_bit_identical(tmp_path, straight):
-  """kill -9 after step 2 is committed, while step 4's asynchronous save is in flight.
+def test_kill_in_a_save_then_sigterm_and_resumes_match_uninterrupted(tmp_path, straight):
+  """kill -9 inside step 4's asynchronous save, a refused resume, SIGTERM, and two resumes.
 
   ``MTLFACE_TEST_SAVE_DELAY=4:600`` holds step 4's commit (the atomic rename
   that ends an orbax save) for 600 s, so the kill lands inside that save
-  deterministically: step 4 exists only as orbax's temporary directory.
+  deterministically: step 4 exists only as orbax's temporary directory. One
+  process chain covers both signals (each train.py start costs ~35 s of CI).
   """
-  steps = ["--config.num_iter=4"]
-  killed = tmp_path / "killed"
-  victim = _start(killed, steps, env={checkpoint_lib.SAVE_DELAY_ENV: "4:600"})
+  steps = ["--config.num_iter=10", "--config.keep_checkpoints=5"]
+  work = tmp_path / "interrupted"
+  victim = _start(work, steps, env={checkpoint_lib.SAVE_DELAY_ENV: "4:600"})
   deadline = time.time() + 600
-  while not list((killed / "checkpoints").glob("4.orbax-checkpoint-tmp*")):
+  while not list((work / "checkpoints").glob("4.orbax-checkpoint-tmp*")):
     assert victim.poll() is None and time.time() < deadline, victim.stdout.read()[-3000:]
     time.sleep(0.2)
   victim.send_signal(signal.SIGKILL)
   victim.wait()
-  committed = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+  committed = sorted(p.name for p in (work / "checkpoints").iterdir() if p.name.isdigit())
   assert committed == ["2"]
   # A resume with another computation is refused in one line, touching nothing.
-  out = _finish(_start(killed, [*steps, "--config.batch_size=16"]), status=1)
+  out = _finish(_start(work, [*steps, "--config.batch_size=16"]), status=1)
   assert "train.py: error: this workdir's checkpoint (step 2)" in out
   assert "batch_size: 8 -> 16" in out and "Traceback" not in out
-  _finish(_start(killed, steps))
-  # The shared run's step 4 (num_iter changes no step's computation).
-  a, b = _variables(straight(), 4), _variables(killed)
+  preempted = _start(work, steps)
+  seen = _wait_for_checkpoint(work, preempted, 6)
+  preempted.send_signal(signal.SIGTERM)
+  out = _finish(preempted, status=loop.EXIT_PREEMPTED)  # SIGTERM: saved, "resume me"
+  assert "stopped by SIGTERM" in out
+  assert _variables(work)["step"] >= seen
+  _finish(_start(work, steps))
+  # Step 4, recomputed from step 2 after the kill, is bit-identical to the straight run's.
+  a, b = _variables(straight(), 4), _variables(work, 4)
   assert a["step"] == b["step"] == 4
   jax.tree_util.tree_map(np.testing.assert_array_equal, a["variables"], b["variables"])
   jax.tree_util.tree_map(np.testing.assert_array_equal, a["opt"], b["opt"])
+  a, b = _variables(straight()), _variables(work)
+  assert a["step"] == b["step"] == 10
+  # Across the SIGTERM's fresh process XLA:CPU has shown 1-ulp differences,
+  # hence the float32-ulp bound (in one process resume is bit-identical:
+  # test_training.py).
+  close = lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  jax.tree_util.tree_map(close, a["variables"], b["variables"])
+  jax.tree_util.tree_map(close, a["opt"], b["opt"])
