@@ -8,7 +8,6 @@ suite's budget, so the tests that need it run with ``MTLFACE_SLOW_TESTS=1``
 (``make test-slow``); the config and the loss's known answer run always.
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
