@@ -3,8 +3,9 @@
 One jitted step is compiled in the module fixture; the loop tests run the same
 programs (same config, same 4-device mesh), which the persistent compilation
 cache of conftest.py serves without compiling again. That first compile of the
-StyleGAN2 step's backward pass takes minutes on a 2-core CPU, beyond the
-suite's budget, so the tests that need it run with ``MTLFACE_SLOW_TESTS=1``
+StyleGAN2 step's backward pass takes about a minute on a 2-core CPU (the
+tests that need it ~3 minutes together), beyond the suite's budget, so they
+run with ``MTLFACE_SLOW_TESTS=1``
 (``make test-slow``); the config and the loss's known answer run always.
 """
 
@@ -46,7 +47,7 @@ def one_step():
   config = _config()
   mesh = sharding.make_mesh()
   if not conftest.SLOW_TESTS:
-    pytest.skip("compiles the TPAMI training step (minutes on a CPU): MTLFACE_SLOW_TESTS=1")
+    pytest.skip("compiles the TPAMI training step (about a minute on a CPU): MTLFACE_SLOW_TESTS=1")
   step = loop.build_step(config, mesh)
   state = step.create_state()
   before = jax.device_get(state.variables)
