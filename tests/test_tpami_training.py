@@ -5,8 +5,8 @@ programs (same config, same 4-device mesh), which the persistent compilation
 cache of conftest.py serves without compiling again. That first compile of the
 StyleGAN2 step's backward pass takes about a minute on a 2-core CPU (the
 tests that need it ~3 minutes together), beyond the suite's budget, so they
-run with ``MTLFACE_SLOW_TESTS=1``
-(``make test-slow``); the config and the loss's known answer run always.
+run with ``MTLFACE_SLOW_TESTS=1`` (``make test-slow``); the config and the
+loss's known answer run always.
 """
 
 import jax

@@ -55,7 +55,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 600, status: int = 0) -> st
 def straight(tmp_path_factory):
   """An uninterrupted 10-step run, started once and shared.
 
-  It runs in the background while the tests kill and resume their own runs
+  It runs in the background while the test kills and resumes its own run
   (the 2-core CI box overlaps them); ``straight()`` waits for it and returns
   its workdir, whose checkpoints 2, 4, ..., 10 are all kept.
   """
